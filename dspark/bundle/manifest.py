@@ -1,0 +1,207 @@
+"""The bundle manifest (`BUNDLE/dspark-bundle.yaml`) and the selection file `dspark export` reads.
+
+A bundle is a folder:
+
+    BUNDLE/dspark-bundle.yaml   this manifest (the only file not listed in `files`)
+    BUNDLE/draft/               the draft: config, safetensors weights, tokenizer, acceptance_head.* if any
+    BUNDLE/target/              only with --include-target: a copy of a small local target
+    BUNDLE/vllm.json            vLLM engine arguments (speculative_config with method "draft_model")
+    BUNDLE/sglang.sh            SGLang launch command (--speculative-algorithm STANDALONE)
+    BUNDLE/README.md            model card with the measured numbers
+
+`files` maps every other file's bundle-relative POSIX path to its sha256 and size, so a missing, extra
+or modified file is found by name. Both schemas are strict: an unknown key is an error listing the
+valid keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from dspark.config.base import StrictModel
+from dspark.errors import DsparkError
+
+MANIFEST_NAME = "dspark-bundle.yaml"
+SCHEMA_VERSION = 1
+DRAFT_DIR = "draft"
+TARGET_DIR = "target"
+VLLM_FILE = "vllm.json"
+SGLANG_FILE = "sglang.sh"
+README_FILE = "README.md"
+
+QUANTIZATIONS = ("none", "int8", "int4", "nf4", "gptq4")
+
+
+class Metrics(StrictModel):
+    """Measured numbers for the pair, as `dspark select` reports them (all optional: a bundle exported
+    from --target/--draft has none). Definitions follow dspark.decode.types (mean accepted tokens per
+    target forward includes the bonus token; acceptance rate = accepted / drafted)."""
+
+    acceptance_rate: float | None = Field(None, ge=0, le=1)
+    mean_accepted_tokens: float | None = Field(None, ge=0)
+    acceptance_per_position: list[float] | None = None
+    draft_cost_ratio: float | None = Field(None, ge=0)
+    tokens_per_s: float | None = Field(None, ge=0)
+    baseline_tokens_per_s: float | None = Field(None, ge=0)
+    speedup: float | None = Field(None, ge=0)
+    best_draft_length: int | None = Field(None, ge=1)
+    auto_speedup: float | None = Field(None, ge=0)
+    peak_memory_mb: float | None = Field(None, ge=0)
+    projected: bool = False
+    task: str | None = None
+    prompts: int | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    objective: str | None = None
+    device: str | None = None
+    hardware: str | None = None
+    measured_at: str | None = None
+
+    def measured(self) -> dict[str, Any]:
+        """Only the fields that carry a value (for tables and the model card)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None and not (k == "projected" and not v)}
+
+
+class SelectionSpec(StrictModel):
+    """What `dspark export --selection FILE` reads: the winning candidate written by `dspark select`
+    (its candidate spec plus the measured numbers). `draft` (and `target`, when it is a path) may be
+    relative to the selection file's folder."""
+
+    name: str | None = None
+    target: str
+    draft: str
+    draft_length: str | int
+    quantization: str = "none"
+    device: str | None = None
+    dtype: str | None = None
+    notes: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, v: str) -> str:
+        if v not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization (allowed: {', '.join(QUANTIZATIONS)})")
+        return v
+
+
+class TargetRef(StrictModel):
+    """The target the draft was made for. It is referenced, not shipped (unless `included`)."""
+
+    name: str
+    kind: Literal["builtin", "alias", "local", "hub"]
+    resolves_to: str
+    revision: str | None = None
+    weight_sha256: str | None = None
+    tokenizer_sha256: str
+    vocab_size: int = Field(ge=1)
+    context_length: int | None = Field(None, ge=1)
+    architecture: str | None = None
+    included: bool = False
+
+
+class DraftInfo(StrictModel):
+    name: str
+    source: str
+    path: str = DRAFT_DIR
+    architecture: str | None = None
+    parameters: int | None = Field(None, ge=0)
+    vocab_size: int = Field(ge=1)
+    context_length: int | None = Field(None, ge=1)
+    tokenizer_sha256: str
+    weight_sha256: str
+    weight_files: list[str]
+    acceptance_head: bool = False
+    quantization: str = "none"
+
+
+class DecodingPolicy(StrictModel):
+    """How dspark drafts (`draft_length`, a `dspark.decode.parse_draft_length` form) and the fixed K
+    that engines without adaptive drafting (vLLM, SGLang) get."""
+
+    draft_length: str
+    kind: str
+    params: dict[str, float | int] = Field(default_factory=dict)
+    num_speculative_tokens: int = Field(ge=1)
+    num_speculative_tokens_source: Literal["measured", "static policy", "default"]
+
+
+class SelectionRef(StrictModel):
+    file: str
+    sha256: str
+    candidate: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class FileEntry(StrictModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class BundleManifest(StrictModel):
+    schema_version: int
+    name: str
+    created_at: str
+    target: TargetRef
+    draft: DraftInfo
+    policy: DecodingPolicy
+    metrics: Metrics = Field(default_factory=Metrics)
+    selection: SelectionRef | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, FileEntry]
+
+    @field_validator("schema_version")
+    @classmethod
+    def _supported(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {v} (this dspark reads {SCHEMA_VERSION})")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, v: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for rel in v:
+            check_relative_path(rel)
+        return v
+
+
+def check_relative_path(rel: str) -> str:
+    """A manifest path must stay inside the bundle: relative, POSIX, no '..', not the manifest."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or rel == MANIFEST_NAME:
+        raise ValueError(f"file path {rel!r} must be a relative path inside the bundle")
+    return rel
+
+
+def read_manifest(bundle: str | os.PathLike) -> BundleManifest:
+    """Load and validate BUNDLE/dspark-bundle.yaml; DsparkError naming the file on any problem."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise DsparkError(f"bundle {str(bundle)!r} is not a folder (make one with `dspark export`)")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise DsparkError(f"bundle {str(bundle)!r} has no {MANIFEST_NAME}: not a dspark bundle, or incomplete")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DsparkError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return BundleManifest.parse(data, where=str(path))
+
+
+def load_selection(path: str | os.PathLike) -> SelectionSpec:
+    return SelectionSpec.load_yaml(path)
+
+
+def resolve_selection_path(value: str, selection_file: Path) -> str:
+    """A path in a selection file is relative to the file's folder when it exists there; anything
+    else (a built-in name, an alias, a hub id, an absolute path) passes through."""
+    candidate = (selection_file.parent / value)
+    if not Path(value).is_absolute() and candidate.exists():
+        return str(candidate.resolve())
+    return value

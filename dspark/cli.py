@@ -1,0 +1,384 @@
+"""The `dspark` command line: thin. Each command parses its options, calls one stage function and
+prints. User errors (`DsparkError`) become one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from dspark.errors import DsparkError
+
+app = typer.Typer(name="dspark", no_args_is_help=True, add_completion=False,
+                  help="Distil, select, quantize and serve draft models for speculative decoding.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn DsparkError into `error: ...` + exit 2 (the contract every command follows)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DsparkError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
+
+    return wrapper
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the dspark version and exit.")):
+    """Distil, select, quantize and serve draft models for speculative decoding."""
+    if version:
+        from dspark import __version__
+
+        console.print(f"dspark {__version__}")
+        raise typer.Exit(0)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+@app.command("build-tiny-family")
+@user_errors
+def build_tiny_family_cmd(
+    recipe: Path = typer.Option(Path(__file__).parent / "recipes" / "tiny-code.yaml", help="Family recipe YAML."),
+    out: Path = typer.Option(..., help="Folder that receives one model folder per recipe entry."),
+    only: Optional[List[str]] = typer.Option(None, help="Build only these model names."),
+):
+    """Train the built-in tiny family (tokenizer + target + drafts) on CPU from a recipe."""
+    from dspark.models.tiny import TinyFamilyRecipe, build_family
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    spec = TinyFamilyRecipe.load_yaml(recipe)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeRemainingColumn(), console=console) as progress:
+        bars: dict[str, int] = {}
+
+        def on_step(name: str, step: int, steps: int, loss: float) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(name, total=steps, loss="")
+            progress.update(bars[name], completed=step, loss=f"loss {loss:.3f}")
+
+        results = build_family(spec, out, only=only, progress=on_step, log=console.print)
+    for name, meta in results.items():
+        console.print(f"{name}: {meta['parameters']:,} params, held-out loss {meta['heldout_loss']}")
+
+
+@app.command("models")
+@user_errors
+def models_cmd(
+    name: Optional[str] = typer.Argument(None, help="Show one model (alias, built-in, hub id or folder); "
+                                                     "fails if it is not on this machine."),
+    load: bool = typer.Option(False, "--load", help="With NAME: load it and report its real sizes."),
+    device: str = typer.Option("cpu", help="With --load: cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("float32", help="With --load: float32, bfloat16, float16 or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """List the built-in models and aliases (what each resolves to, whether it is here), or show one."""
+    from rich.table import Table
+
+    from dspark.models.loading import model_info
+    from dspark.models.registry import (BUILD_TINY_COMMAND, DOWNLOAD_COMMAND, format_parameters,
+                                        list_models)
+
+    if name is not None:
+        info = model_info(name, load=load, device=device, dtype=dtype)
+        if as_json:
+            print_json(info)
+        else:
+            for key, value in info.items():
+                console.print(f"{key}: {value}", highlight=False)
+        return
+    rows = list_models()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="dspark models")
+    for col in ("name", "kind", "resolves to", "here", "params", "family", "notes"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        shown = Path(r["resolves_to"]).name if r["kind"] == "builtin" else r["resolves_to"]
+        table.add_row(r["name"], r["kind"], shown, "yes" if r["available"] else "no",
+                      format_parameters(r["parameters"]), r["family"], r["notes"])
+    console.print(table)
+    missing = [r for r in rows if not r["available"]]
+    if any(r["kind"] == "builtin" for r in missing):
+        console.print(f"missing built-ins: {BUILD_TINY_COMMAND}", highlight=False, soft_wrap=True)
+    if any(r["kind"] == "alias" for r in missing):
+        console.print(f"aliases not here are not in the Hugging Face cache: `{DOWNLOAD_COMMAND} <hub id>` "
+                      "(needs network and access)", highlight=False, soft_wrap=True)
+
+
+@app.command("tasks")
+@user_errors
+def tasks_cmd(
+    data: Optional[str] = typer.Option(None, "--data", help="Check this data instead (a .jsonl/.json/"
+                                                            ".parquet/.txt file, a folder of them, or a hub id)."),
+    counts: bool = typer.Option(True, "--counts/--no-counts", help="Count prompts per split (reads every source)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """List the built-in tasks (source, whether it is here, prompts per split), or check user data."""
+    from rich.table import Table
+
+    from dspark.tasks import describe_sources
+
+    rows = describe_sources(data, count=counts)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="dspark tasks" if data is None else "dspark data")
+    for col in ("name", "source", "here", "train", "eval", "notes"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        c = r["counts"] or {}
+        table.add_row(r["name"], r["source"], "yes" if r["available"] else "no",
+                      str(c.get("train", "-")), str(c.get("eval", "-")), r["note"])
+    console.print(table)
+
+
+@app.command("collect")
+@user_errors
+def collect_cmd(
+    target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
+    out: Path = typer.Option(..., "--out", help="Cache folder (created; an interrupted one is resumed)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Use at most this many prompts."),
+    split: str = typer.Option("train", "--split", help="Prompt split: train (default), eval or all."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Continuation length per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples (seeded per prompt)."),
+    top_k: int = typer.Option(64, "--top-k", help="K: target log-probs stored per position (+ the tail mass)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: collect only prompts with index % N == I."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    engine: str = typer.Option("hf", "--engine", help="hf (default) or vllm (needs vllm on a GPU machine)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (each prompt's generator is seeded from it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+):
+    """Collect the target's own continuations and its top-K log-probs into a logits cache."""
+    from dspark.distill.collect import human_bytes, run_collect
+
+    say = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if as_json else \
+        (lambda m: console.print(m, highlight=False, soft_wrap=True))
+    result = run_collect(target, out, task=task, data=data, num_prompts=num_prompts, split=split, k=top_k,
+                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+                         shard=shard, device=device, dtype=dtype, engine=engine,
+                         console=err_console if as_json else console, log=say)
+    summary = result.to_dict()
+    if as_json:
+        print_json(summary)
+        return
+    bpp = summary["bytes_per_position"]
+    say(f"{summary['status']}: {out} holds {summary['rows']} prompts, {summary['positions']:,} positions, "
+        f"{human_bytes(summary['bytes'])}" + (f" ({bpp:.1f} B/position)" if bpp else ""))
+    if summary["new_positions"]:
+        say(f"{summary['tokens_per_s']:,.1f} tokens/s; writing took {100 * summary['write_fraction']:.1f}% of the time")
+
+
+@app.command("merge-caches")
+@user_errors
+def merge_caches_cmd(
+    caches: List[Path] = typer.Argument(..., help="The cache folders of every `--shard I/N` run."),
+    out: Path = typer.Option(..., "--out", help="New folder for the merged cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the merged manifest's counts as JSON."),
+):
+    """Join the caches of `dspark collect --shard I/N` runs into one cache."""
+    from dspark.distill.cache import merge_caches
+
+    merged = merge_caches(caches, out)
+    summary = {"out": str(out), "shards": merged.shards.count, **merged.counts.model_dump(),
+               "bytes_per_position": merged.bytes_per_position}
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"merged {len(caches)} caches into {out}: {summary['rows']} prompts, "
+                      f"{summary['positions']:,} positions", highlight=False)
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    target: str = typer.Option(..., help="Target model: folder, hub id, alias or built-in name."),
+    draft: Optional[str] = typer.Option(None, help="Draft model (same tokenizer as the target). Default: "
+                                                   "tiny-code-draft-s for the built-in target tiny-code; "
+                                                   "required for any other target unless --no-draft."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Decode with the target alone."),
+    prompt: Optional[str] = typer.Option(None, help="One prompt text."),
+    prompts: Optional[Path] = typer.Option(None, help="A .txt file (one prompt per line) or .jsonl file "
+                                                      "(a 'prompt' field per line)."),
+    max_new_tokens: int = typer.Option(128, help="Tokens to generate at most per prompt."),
+    temperature: float = typer.Option(0.0, help="0 is greedy (output identical to the target's own)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    draft_length: str = typer.Option("auto", help="auto, K, static:K, confidence:T[:KMAX], goodput[:KMAX] "
+                                                  "or learned[:T]."),
+    batch_size: Optional[int] = typer.Option(None, help="Decode this many prompts together (default: all)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the output to this "
+                                                                          "JSON schema file."),
+    regex: Optional[str] = typer.Option(None, help="Constrain the output to this regular expression."),
+    grammar: Optional[Path] = typer.Option(None, help="Constrain the output to this EBNF grammar file."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (float32 on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt, in input order."),
+):
+    """Generate text with speculative decoding (lossless: greedy output equals the target's own)."""
+    from rich.text import Text
+
+    from dspark.decode.run import GenerateOptions, generate, prompt_source, stats_line
+
+    texts = prompt_source(prompt, prompts)
+    options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, draft_length=draft_length, batch_size=batch_size,
+                              json_schema=None if json_schema is None else str(json_schema), regex=regex,
+                              grammar=None if grammar is None else str(grammar), device=device, dtype=dtype)
+    rows = generate(target, texts, draft=draft, no_draft=no_draft, options=options)
+    for row in rows:
+        if as_json:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            continue
+        console.print(Text(row["prompt"], style="dim") + Text(row["text"]))
+        console.print(Text(stats_line(row["stats"]), style="cyan"))
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    target: str = typer.Option(..., help="Target model: folder, hub id, alias or built-in name."),
+    draft: str = typer.Option(..., help="Draft model (same tokenizer as the target)."),
+    prompts: Optional[Path] = typer.Option(None, help="A .txt (one prompt per line) or .jsonl prompts file."),
+    task: Optional[str] = typer.Option(None, help="A built-in task; its eval split is used (see `dspark tasks`)."),
+    n: int = typer.Option(10, help="Number of prompts."),
+    max_new_tokens: int = typer.Option(64, help="New tokens per prompt (every method writes exactly this many "
+                                                "unless --stop-at-eos)."),
+    ks: str = typer.Option("1,2,4,6,8", help="Static draft lengths to compare, comma-separated."),
+    batch_sizes: str = typer.Option("1,4,8", help="Batch sizes for dspark auto's throughput."),
+    stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="Stop every method at the target's eos "
+                                                                  "(default: eos disabled for all)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: those this process may use)."),
+    cost_reps: int = typer.Option(20, help="Timed repetitions per forward in the cost microbenchmark."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (float32 on CPU)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
+):
+    """Benchmark dspark against HF generate and HF assisted generation (same prompts, greedy, one process)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from dspark.decode.bench import BenchConfig, bench, parse_int_list, render_table, summary_lines
+
+    config = BenchConfig(max_new_tokens=max_new_tokens, ks=parse_int_list(ks, "--ks"),
+                         batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), stop_at_eos=stop_at_eos,
+                         threads=threads, cost_reps=cost_reps)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                  transient=True) as progress:
+        bar = progress.add_task("bench", total=None)
+
+        def on_step(label: str, done: int, total: int) -> None:
+            progress.update(bar, description=label, completed=done, total=total)
+
+        report = bench(target, draft, config, prompts_file=prompts, task=task, n=n, device=device, dtype=dtype,
+                       out=out, progress=on_step)
+    if as_json:
+        print_json(report)
+        return
+    # a pipe or file gets rich's 80 columns, too narrow for the table: give it room
+    out_console = console if console.is_terminal else Console(width=max(console.width, 130))
+    for table in render_table(report):
+        out_console.print(table)
+    for line in summary_lines(report):
+        out_console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write (built aside, renamed into place)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Target model (alias, built-in, hub id or folder)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model folder or name."),
+    selection: Optional[Path] = typer.Option(None, "--selection",
+                                             help="selected.yaml from `dspark select` (instead of --target/--draft)."),
+    include_target: bool = typer.Option(False, "--include-target", help="Copy a small local target into BUNDLE/target."),
+    draft_length: Optional[str] = typer.Option(None, "--draft-length",
+                                               help="Draft-length policy (auto, K, confidence:T, goodput, learned); "
+                                                    "default: the selection's, else auto."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name = the model id the server answers to."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Package a target/draft pair as a verifiable bundle (draft weights, policy, numbers, vLLM/SGLang configs)."""
+    from dspark.bundle.export import export_bundle
+
+    log = (lambda _m: None) if as_json else (lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+    result = export_bundle(out, target=target, draft=draft, selection=selection, include_target=include_target,
+                           draft_length=draft_length, name=name, force=force, log=log)
+    summary = result.summary()
+    if as_json:
+        print_json(summary)
+        return
+    for key in ("bundle", "name", "target", "draft", "draft_length", "num_speculative_tokens", "target_included",
+                "files", "bytes"):
+        console.print(f"{key}: {summary[key]}", highlight=False)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+
+
+@app.command("verify-bundle")
+@user_errors
+def verify_bundle_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `dspark export`."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt for the decode check."),
+    max_new_tokens: int = typer.Option(16, help="Tokens decoded by the check."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check a bundle: schema, file hashes, weight names, target identity, and a lossless decode."""
+    from dspark.bundle.verify import DEFAULT_PROMPT, verify_bundle
+
+    log = (lambda _m: None) if as_json else (lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+    report = verify_bundle(bundle, device=device, dtype=dtype, prompt=prompt if prompt is not None else DEFAULT_PROMPT,
+                           max_new_tokens=max_new_tokens, log=log)
+    if as_json:
+        print_json(report)
+        return
+    d = report["decode"]
+    console.print(f"bundle {report['name']}: OK ({report['files_checked']} files, weight names checked, "
+                  f"{len(d['tokens'])} tokens equal to the target alone, acceptance {d['acceptance_rate']:.2f}, "
+                  f"{d['mean_accepted_tokens']:.2f} tokens per target forward)", highlight=False, soft_wrap=True)
+
+
+@app.command("serve-bundle")
+@user_errors
+def serve_bundle_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `dspark export`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback unless you mean otherwise)."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start-up)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DSPARK_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY)."),
+    max_batch_size: int = typer.Option(8, help="Most concurrent requests decoded together."),
+    batch_window_ms: float = typer.Option(10.0, help="How long an idle server waits for companions of a request."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+):
+    """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics)."""
+    from dspark.serve.runner import serve_bundle
+
+    serve_bundle(bundle, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
+                 batch_window_ms=batch_window_ms, device=device, dtype=dtype,
+                 log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,672 @@
+"""The speculative decoding loop: draft, verify, roll back, record, ask the policy, repeat.
+
+Pieces (each replaceable on its own): `verify.py` (pure accept/reject maths), `sampling.py` (warping),
+`policy.py` (how many tokens to draft), `constraints.py` (the structured-output hook), `types.py`
+(settings, stats, results and the terms drafted / accepted / recovered / bonus). This module owns
+the models' KV caches and the batch bookkeeping.
+
+One step for a batch of B active requests (row i has committed tokens s_i = prompt + generated):
+1. Plan: each row's policy says how many drafts it wants (k_i, capped so that a step can never
+   overshoot max_new_tokens or the context); the batch drafts K = max_i k_i tokens for every row.
+2. Draft: K draft forwards (the first one also feeds the row's not-yet-cached tokens). A row stops
+   counting drafts at k_i or earlier (policy early exit: low confidence / low predicted acceptance,
+   a drafted stop token, a finished constraint); its later drafts are computed but never verified.
+3. Verify: one target forward over [last committed token, d_1..d_K] gives K + 1 distributions;
+   `verify_greedy` / `verify_sampling` return each row's accepted count n_i <= k_i and the
+   recovered-or-bonus token. A row's result depends only on its own first k_i drafts, so batching
+   never changes a greedy output.
+4. Commit, truncating at a stop token; roll both caches back; finished rows leave the batch.
+
+KV caches: one transformers `DynamicCache` per model, holding every row. Rows accept different
+numbers of tokens, so the cache is a sequence of *slots* shared by all rows, and each row marks
+which slots hold its tokens (`_Slots.valid`). Rejected drafts of a row become masked holes; the slots
+at the end that no row uses any more are cropped (`crop(-n)`). Prompts of different lengths are
+left padded the same way (holes at the start). Each row carries its own position ids (its count of
+valid tokens), and every forward gets an explicit 4-D attention mask [B, 1, T, S]: key slot valid
+for the row AND causal in slot order. Holes cost a little attention width, never a recomputation:
+the prefix is never fed twice. At B = 1 there are no holes at all. A padding query attends to itself
+only (an all-masked softmax row would give NaN and poison its slot).
+
+Invariants per row: the target has cached every committed token but the last one (the "pending"
+token fed at the start of the next verify); the draft has cached a prefix of the committed tokens
+and catches up by feeding the rest with its first draft forward.
+
+Vocabulary: both models' logits are sliced to `common_vocab_size` (tokenizer length or the smaller
+embedding size; see verify.py). Without a draft model the same loop runs with K = 0: target-only
+decoding, one token per target forward (mean accepted tokens 1.0).
+
+Stats (per request, `DecodeStats`): drafted / accepted count only the positions the output used:
+if a stop token is accepted mid-block, the drafts after it are neither drafted nor accepted, so
+accepted + recovered + bonus == generated always. Forward counts and times are those of the batch
+forwards the request took part in (shared by its rows); total_time_s is the request's wall time from
+the start of its batch to its last token. Forward times are measured with torch.cuda.synchronize
+on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from dspark.decode.acceptance_head import AcceptanceHead, has_acceptance_head, load_acceptance_head
+from dspark.decode.constraints import TokenConstraint, fit_mask
+from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
+from dspark.decode.sampling import make_generator, warp_logits
+from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
+from dspark.decode.verify import check_same_tokenizer, common_vocab_size, verify_greedy, verify_sampling
+from dspark.errors import DsparkError
+
+OnTokens = Callable[[int, list[int]], None]
+
+
+@dataclass
+class TokenEvent:
+    """One streamed update: `row` (index into the prompts passed in) got `token_ids` appended;
+    `result` is set on the request's last event."""
+
+    row: int
+    token_ids: list[int]
+    result: DecodeResult | None = None
+
+
+class _Runner:
+    """The lean per-step call of one causal LM: base model, then lm_head on the needed positions only."""
+
+    def __init__(self, model: torch.nn.Module, role: str):
+        self.model = model
+        self.role = role
+        cfg = model.config
+        self.config = cfg
+        base = model.get_decoder() if hasattr(model, "get_decoder") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.split = base is not None and head is not None and base is not model
+        self.base, self.head = base, head
+        self.vocab = int(getattr(head, "out_features", 0) or cfg.vocab_size)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.hidden_size = getattr(cfg, "hidden_size", None)
+        attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            raise DsparkError(f"{role} model uses attention implementation {attn!r}; the speculative decoder "
+                              "supports 'sdpa' and 'eager' (load it with attn_implementation='sdpa')")
+        self.additive_mask = attn == "eager"
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.config)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+            raise DsparkError(f"{self.role} model has cache layers {kinds}; the speculative decoder supports "
+                              "full-attention models (DynamicLayer) only")
+        return cache
+
+    def __call__(self, ids, pos, mask, cache, n_logits: int, want_hidden: bool):
+        """ids, pos: [B, T] long; mask: [B, 1, T, S] -> (logits [B, n_logits, V] or None, hidden [B, H] or None)."""
+        if self.additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min)
+        if self.split:
+            h = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                          use_cache=True).last_hidden_state
+            logits = self.head(h[:, -n_logits:]) if n_logits else None
+            return logits, (h[:, -1] if want_hidden else None)
+        if want_hidden:
+            raise DsparkError(f"{self.role} model exposes no base model / lm_head split (get_decoder, "
+                              "get_output_embeddings); an acceptance head needs its hidden states")
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                         logits_to_keep=max(n_logits, 1))
+        return (out.logits[:, -n_logits:] if n_logits else None), None
+
+
+class _Slots:
+    """A model's batched KV cache plus which cache slot holds which row's token (see module docstring)."""
+
+    def __init__(self, runner: _Runner, batch: int, capacity: int = 256):
+        self.runner = runner
+        self.cache = runner.new_cache()
+        self.device = runner.device
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        self.length = 0  # slots in the cache
+        self.pos: list[int] = [0] * batch  # valid tokens per row (= next position id)
+        self._tri: dict[int, torch.Tensor] = {}
+
+    def _ensure(self, slots: int) -> None:
+        if slots > self.valid.shape[1]:
+            grown = torch.zeros(self.valid.shape[0], max(slots, 2 * self.valid.shape[1]), dtype=torch.bool,
+                                device=self.device)
+            grown[:, : self.length] = self.valid[:, : self.length]
+            self.valid = grown
+
+    def _causal(self, t: int) -> torch.Tensor:
+        m = self._tri.get(t)
+        if m is None:
+            m = self._tri[t] = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        return m
+
+    def feed(self, chunks: list[list[int]], n_logits: int, want_hidden: bool):
+        """Append one chunk of tokens per row (right-aligned, shorter rows padded with holes) and run
+        the model. Returns the runner's (logits [B, n_logits, V], hidden [B, H])."""
+        b = len(chunks)
+        t = max(len(c) for c in chunks)
+        s0 = self.length
+        ids = torch.zeros(b, t, dtype=torch.long)
+        pos = torch.zeros(b, t, dtype=torch.long)
+        real = torch.zeros(b, t, dtype=torch.bool)
+        for i, c in enumerate(chunks):
+            n = len(c)
+            if n:
+                ids[i, t - n:] = torch.tensor(c, dtype=torch.long)
+                pos[i, t - n:] = torch.arange(self.pos[i], self.pos[i] + n)
+                real[i, t - n:] = True
+            self.pos[i] += n
+        return self._run(ids, pos, real, s0, t, n_logits, want_hidden)
+
+    def feed_tensor(self, ids: torch.Tensor, n_logits: int, want_hidden: bool):
+        """Append ids [B, T] (all real tokens) and run the model (the hot path: no Python per row)."""
+        b, t = ids.shape
+        s0 = self.length
+        base = torch.tensor(self.pos, dtype=torch.long, device=self.device)
+        pos = base[:, None] + torch.arange(t, device=self.device)
+        self.pos = [p + t for p in self.pos]
+        return self._run(ids, pos, None, s0, t, n_logits, want_hidden)
+
+    def _run(self, ids, pos, real, s0, t, n_logits, want_hidden):
+        self._ensure(s0 + t)
+        if real is None:
+            self.valid[:, s0:s0 + t] = True
+        else:
+            self.valid[:, s0:s0 + t] = real.to(self.device)
+        s = s0 + t
+        mask = self.valid[:, None, :s].expand(-1, t, -1).clone()
+        new = mask[:, :, s0:]
+        new &= self._causal(t)
+        new |= torch.eye(t, dtype=torch.bool, device=self.device)
+        self.length = s
+        return self.runner(ids.to(self.device), pos.to(self.device), mask[:, None], self.cache, n_logits,
+                           want_hidden)
+
+    def keep(self, new_pos: list[int]) -> None:
+        """Roll rows back: row i keeps only its first new_pos[i] valid tokens; drop slots no row uses."""
+        if new_pos == self.pos:
+            return
+        n = self.length
+        v = self.valid[:, :n]
+        limit = torch.tensor(new_pos, dtype=torch.int32, device=self.device)[:, None]
+        v &= v.to(torch.int32).cumsum(dim=1) <= limit
+        self.pos = list(new_pos)
+        used = v.any(dim=0).nonzero()
+        new_len = int(used[-1].item()) + 1 if used.numel() else 0
+        if new_len < n:
+            self.cache.crop(new_len - n)
+            self.valid[:, new_len:n] = False
+            self.length = new_len
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these batch rows (finished requests leave the batch)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.valid = self.valid.index_select(0, idx)
+        self.pos = [self.pos[r] for r in rows]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _default_stop_ids(tokenizer, model) -> tuple[int, ...]:
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (eos, gen_eos):
+        if isinstance(e, int):
+            ids.append(e)
+        elif isinstance(e, (list, tuple)):
+            ids.extend(int(x) for x in e)
+    return tuple(dict.fromkeys(ids))
+
+
+class SpeculativeDecoder:
+    """Lossless speculative decoding of a target model with an optional draft model.
+
+    target_model / draft_model: Hugging Face causal LMs (transformers 5, full attention, 'sdpa' or
+    'eager'); draft_model None decodes with the target alone through the same loop.
+    tokenizer: the target's tokenizer (its length bounds the vocabulary; its eos is a default stop
+    token); may be None for models without one (then stop ids come from the model's generation config).
+    draft_length: a `parse_draft_length` form ("auto", "4", "static:4", "confidence:0.4", "goodput",
+    "learned"), a PolicyFactory, or a callable PolicyContext -> DraftLengthPolicy; default "auto".
+    device: moves both models there (default: the target's device).
+    draft_tokenizer: the draft's tokenizer if loaded separately: must equal the target's
+    (IncompatibleTokenizersError otherwise).
+    acceptance_head: an AcceptanceHead, or a draft folder to load `acceptance_head.*` from; None
+    looks in `draft_model.name_or_path` if that is a folder.
+    stop_token_ids: the default stop ids for requests whose config names none (default: the
+    tokenizer's eos and the target's generation_config eos).
+    """
+
+    def __init__(self, target_model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
+                 tokenizer=None, draft_length: str | int | PolicyFactory = "auto", *,
+                 device: str | torch.device | None = None, draft_tokenizer=None,
+                 acceptance_head: AcceptanceHead | str | Path | None = None,
+                 stop_token_ids: Sequence[int] | None = None):
+        if device is not None:
+            device = torch.device(device)
+            target_model.to(device)
+            if draft_model is not None:
+                draft_model.to(device)
+        check_same_tokenizer(tokenizer, draft_tokenizer)
+        self.target_model, self.draft_model, self.tokenizer = target_model.eval(), draft_model, tokenizer
+        self.target = _Runner(target_model, "target")
+        self.device = self.target.device
+        self.draft = None
+        if draft_model is not None:
+            draft_model.eval()
+            self.draft = _Runner(draft_model, "draft")
+            if self.draft.device != self.device:
+                raise DsparkError(f"target is on {self.device} but draft is on {self.draft.device}: "
+                                  "pass device= to place both")
+        tok_len = len(tokenizer) if tokenizer is not None else None
+        self.vocab = common_vocab_size(self.target.vocab, self.draft.vocab if self.draft else None, tok_len)
+        self.embed_limit = min(self.target.vocab, self.draft.vocab if self.draft else self.target.vocab)
+        self.acceptance_head = self._load_head(acceptance_head)
+        self.policy_factory = parse_draft_length(draft_length)
+        self.policy_context = PolicyContext(has_draft=self.draft is not None,
+                                            has_acceptance_head=self.acceptance_head is not None)
+        self.policy_factory.check(self.policy_context)
+        self.default_stop_ids = (tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None
+                                 else _default_stop_ids(tokenizer, target_model))
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _load_head(self, head) -> AcceptanceHead | None:
+        if self.draft is None:
+            return None
+        if head is None:
+            folder = getattr(self.draft_model, "name_or_path", None)
+            if not folder or not has_acceptance_head(folder):
+                return None
+            head = folder
+        if isinstance(head, (str, Path)):
+            head = load_acceptance_head(head, self.draft.hidden_size)
+        if self.draft.hidden_size is not None and head.hidden_size != self.draft.hidden_size:
+            raise DsparkError(f"acceptance head expects hidden size {head.hidden_size}, the draft has "
+                              f"{self.draft.hidden_size}")
+        return head.to(device=self.device, dtype=torch.float32).eval()
+
+    def _policies(self, draft_length, n: int) -> list[DraftLengthPolicy]:
+        if draft_length is None:
+            factories = [self.policy_factory] * n
+        elif isinstance(draft_length, (list, tuple)):
+            if len(draft_length) != n:
+                raise DsparkError(f"got {len(draft_length)} draft lengths for {n} prompts")
+            factories = [parse_draft_length(d) for d in draft_length]
+        else:
+            factories = [parse_draft_length(draft_length)] * n
+        for f in set(factories):
+            f.check(self.policy_context)
+        return [f(self.policy_context) for f in factories]
+
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise DsparkError("prompts must be a list of token-id lists")
+        out = []
+        ctx = self.target.max_positions
+        for i, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor):
+                p = p.reshape(-1).tolist()
+            p = list(p)
+            if not p:
+                raise DsparkError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+            if len(p) >= ctx:
+                raise DsparkError(f"prompt {i} has {len(p)} tokens; the target's context is {ctx} tokens, "
+                                  f"so a prompt may have at most {ctx - 1}")
+            bad = [t for t in p if not isinstance(t, int) or t < 0 or t >= self.embed_limit]
+            if bad:
+                raise DsparkError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {self.embed_limit})")
+            out.append(p)
+        return out
+
+    def _configs(self, config, n: int) -> list[GenerationConfig]:
+        if isinstance(config, GenerationConfig):
+            return [config] * n
+        configs = list(config)
+        if len(configs) != n:
+            raise DsparkError(f"got {len(configs)} generation configs for {n} prompts")
+        return configs
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | Sequence[GenerationConfig]
+                 = GenerationConfig(), constraints: Sequence[TokenConstraint | None] | None = None, *,
+                 draft_length: str | int | PolicyFactory | Sequence | None = None,
+                 batch_size: int | None = None, on_tokens: OnTokens | None = None) -> list[DecodeResult]:
+        """Decode every prompt (token ids, prompt included BOS) and return one DecodeResult per prompt,
+        in input order (token_ids: generated ids only, a final stop token included).
+
+        config: one GenerationConfig for all, or one per prompt (rows decoded together must share
+        temperature / top_k / top_p / seed). constraints: None or one TokenConstraint-or-None per prompt.
+        draft_length: overrides the decoder's policy (one form for all, or one per prompt).
+        batch_size: decode at most this many prompts together (default: all at once).
+        on_tokens(row, new_ids): called as tokens are committed (row = index into prompts)."""
+        results: list[DecodeResult | None] = [None] * len(prompts)
+        for ev in self.stream(prompts, config, constraints, draft_length=draft_length, batch_size=batch_size):
+            if on_tokens is not None and ev.token_ids:
+                on_tokens(ev.row, ev.token_ids)
+            if ev.result is not None:
+                results[ev.row] = ev.result
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | Sequence[GenerationConfig]
+               = GenerationConfig(), constraints: Sequence[TokenConstraint | None] | None = None, *,
+               draft_length: str | int | PolicyFactory | Sequence | None = None,
+               batch_size: int | None = None) -> Iterator[TokenEvent]:
+        """Like `generate`, but yields TokenEvents as tokens are committed (a server streams these).
+        All inputs are checked before the first event."""
+        prompts = self._check_prompts(prompts)
+        n = len(prompts)
+        configs = self._configs(config, n)
+        policies = self._policies(draft_length, n)
+        if constraints is None:
+            constraints = [None] * n
+        constraints = list(constraints)
+        if len(constraints) != n:
+            raise DsparkError(f"got {len(constraints)} constraints for {n} prompts")
+        for i, c in enumerate(constraints):
+            if c is not None and not isinstance(c, TokenConstraint):
+                raise DsparkError(f"constraint {i} ({type(c).__name__}) lacks allowed/advance/rollback/is_finished")
+        if batch_size is not None and batch_size < 1:
+            raise DsparkError(f"batch_size must be >= 1, got {batch_size}")
+        bs = batch_size or max(n, 1)
+        groups = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
+        for g in groups:
+            head = configs[g[0]]
+            for r in g[1:]:
+                c = configs[r]
+                if (c.temperature, c.top_k, c.top_p, c.seed) != (head.temperature, head.top_k, head.top_p, head.seed):
+                    raise DsparkError(f"prompts {g[0]} and {r} are in one batch but have different sampling "
+                                      "settings (temperature/top_k/top_p/seed); use batch_size=1 or equal settings")
+
+        def events() -> Iterator[TokenEvent]:
+            for g in groups:
+                yield from self._decode_batch([prompts[r] for r in g], [configs[r] for r in g],
+                                              [constraints[r] for r in g], [policies[r] for r in g], g)
+
+        return events()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _stop_ids(self, cfg: GenerationConfig) -> tuple[int, ...]:
+        if cfg.stop_token_ids:
+            return cfg.stop_token_ids
+        return () if cfg.ignore_eos else self.default_stop_ids
+
+    def _timed(self, fn, *args):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _sync(self.device)
+        return out, time.perf_counter() - t0
+
+    def _decode_batch(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
+        with torch.inference_mode():
+            yield from self._loop(prompts, configs, constraints, policies, row_ids)
+
+    def _loop(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
+        t_start = time.perf_counter()
+        dev, V = self.device, self.vocab
+        b = len(prompts)
+        cfg0 = configs[0]
+        greedy = cfg0.greedy
+        gen = None if greedy else make_generator(cfg0.seed, dev)
+        draft = self.draft
+        ctx_t = self.target.max_positions
+        ctx_d = draft.max_positions if draft else 0
+        stop_sets = [set(self._stop_ids(c)) for c in configs]
+        stats = [DecodeStats(prompt_tokens=len(p)) for p in prompts]
+        seqs = [list(p) for p in prompts]
+        gen_counts = [0] * b
+        rows = list(range(b))  # batch row -> local request index
+
+        tgt = _Slots(self.target, b)
+        dft = _Slots(draft, b) if draft else None
+        draft_ok = [bool(draft) and len(p) - 1 <= ctx_d for p in prompts]
+
+        # stop-token table [B, V] for the vectorised "drafted a stop token" test
+        stop_table = torch.zeros(b, V, dtype=torch.bool, device=dev)
+        for i, s in enumerate(stop_sets):
+            ids = [t for t in s if t < V]
+            if ids:
+                stop_table[i, ids] = True
+
+        # prefill everything but the last prompt token (it is fed, as the pending token, by the first step)
+        if any(len(p) > 1 for p in prompts):
+            _, dt = self._timed(tgt.feed, [p[:-1] for p in prompts], 0, False)
+            for st in stats:
+                st.target_forwards += 1
+                st.target_time_s += dt
+            if dft is not None:
+                _, dd = self._timed(dft.feed, [p[:-1] if ok else [] for p, ok in zip(prompts, draft_ok)], 0, False)
+                for st in stats:
+                    st.draft_forwards += 1
+                    st.draft_time_s += dd
+
+        while rows:
+            nb = len(rows)
+            plans = [policies[r].plan() for r in rows]
+            caps = []
+            for bi, r in enumerate(rows):
+                L = len(seqs[r])
+                remaining = min(configs[r].max_new_tokens - gen_counts[r], ctx_t - L)
+                k = min(plans[bi].max_tokens, remaining - 1)
+                if not (draft and draft_ok[r]):
+                    k = 0
+                else:
+                    k = min(k, ctx_d - L + 1)
+                caps.append(max(k, 0))
+            K = max(caps)
+            cons = [constraints[r] for r in rows]
+            has_cons = any(c is not None for c in cons)
+            cmasks: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+            dead = [False] * nb  # constraint allows nothing after this row's drafts
+            drafts = torch.zeros(nb, 0, dtype=torch.long, device=dev)
+            qs = None
+            nd = [0] * nb
+            draft_forwards, draft_s = 0, 0.0
+            seq_len_before = [len(seqs[r]) for r in rows]
+
+            if K > 0:
+                drafts = torch.zeros(nb, K, dtype=torch.long, device=dev)
+                if not greedy:
+                    qs = torch.zeros(nb, K, V, dtype=torch.float32, device=dev)
+                kcap = torch.tensor(caps, device=dev)
+                min_conf = torch.tensor([p.min_confidence for p in plans], device=dev)
+                min_acc = torch.tensor([p.min_acceptance for p in plans], device=dev)
+                use_conf = bool((min_conf > 0).any())
+                use_head = self.acceptance_head is not None and bool((min_acc > 0).any())
+                cum = torch.ones(nb, device=dev)
+                drafting = kcap > 0
+                nd_t = torch.zeros(nb, dtype=torch.long, device=dev)
+                rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+                chunks = [seqs[r][dft.pos[bi]:] if draft_ok[r] else [] for bi, r in enumerate(rows)]
+                j = 0
+                for j in range(K):
+                    if j == 0:
+                        (logits, hidden), dt = self._timed(dft.feed, chunks, 1, use_head)
+                    else:
+                        (logits, hidden), dt = self._timed(dft.feed_tensor, drafts[:, j - 1:j], 1, use_head)
+                    draft_forwards += 1
+                    draft_s += dt
+                    logits = logits[:, -1, :V].float()
+                    if has_cons:
+                        dr = drafting.tolist()
+                        allow = torch.ones(nb, V, dtype=torch.bool, device=dev)
+                        for bi, c in enumerate(cons):
+                            if c is None or not dr[bi]:
+                                continue
+                            m = _next_mask(c, V, dev)
+                            if m is None:
+                                dead[bi] = True
+                                drafting[bi] = False
+                                continue
+                            cmasks[bi].append(m)
+                            allow[bi] = m
+                        logits = logits.masked_fill(~allow, float("-inf"))
+                    if greedy:
+                        tok = logits.argmax(dim=-1)
+                        if use_conf:
+                            conf = logits.softmax(dim=-1).gather(1, tok[:, None]).squeeze(1)
+                    else:
+                        q = warp_logits(logits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
+                        tok = torch.multinomial(q, 1, generator=gen).squeeze(1)
+                        qs[:, j] = q
+                        if use_conf:
+                            conf = q.gather(1, tok[:, None]).squeeze(1)
+                    drafts[:, j] = tok
+                    nd_t += drafting
+                    if has_cons:
+                        dr = drafting.tolist()
+                        tl = tok.tolist()
+                        for bi, c in enumerate(cons):
+                            if c is not None and dr[bi]:
+                                c.advance(tl[bi])
+                    cont = drafting & (j + 1 < kcap) & ~stop_table[rows_t, tok]
+                    if use_conf:
+                        cont &= conf >= min_conf
+                    if use_head:
+                        cum = cum * self.acceptance_head(hidden.float())
+                        cont &= cum >= min_acc
+                    drafting = cont
+                    if not bool(drafting.any()):
+                        break
+                K = j + 1
+                drafts = drafts[:, :K]
+                nd = nd_t.tolist()
+                if qs is not None:
+                    qs = qs[:, :K]
+
+            # the mask for the position after each row's last draft (the recovered / bonus position)
+            if has_cons:
+                for bi, c in enumerate(cons):
+                    if c is None or dead[bi]:
+                        continue
+                    m = _next_mask(c, V, dev)
+                    if m is None:
+                        dead[bi] = True
+                    else:
+                        cmasks[bi].append(m)
+
+            # verify: one target forward over [pending, d_1..d_K]
+            pending = torch.tensor([seqs[r][-1] for r in rows], dtype=torch.long, device=dev)[:, None]
+            (tlogits, _), verify_s = self._timed(tgt.feed_tensor, torch.cat([pending, drafts], dim=1), K + 1,
+                                                 False)
+            tlogits = tlogits[..., :V].float()
+            if has_cons:
+                tmask = torch.ones(nb, K + 1, V, dtype=torch.bool, device=dev)
+                for bi, ms in enumerate(cmasks):
+                    for jj, m in enumerate(ms[: K + 1]):
+                        tmask[bi, jj] = m
+                tlogits = tlogits.masked_fill(~tmask, float("-inf"))
+                # a position whose mask allows nothing (dead row) must not produce NaN probabilities
+                tlogits = torch.where(tmask.any(-1, keepdim=True), tlogits, torch.zeros_like(tlogits))
+            nd_tensor = torch.tensor(nd, dtype=torch.long, device=dev)
+            if greedy:
+                res = verify_greedy(drafts, tlogits, nd_tensor)
+            else:
+                p = warp_logits(tlogits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
+                res = verify_sampling(drafts, qs if qs is not None else torch.zeros(nb, 0, V, device=dev), p,
+                                      gen, nd_tensor)
+            n_acc = res.n_accepted.tolist()
+            nxt = res.next_token.tolist()
+            dlist = drafts.tolist()
+
+            # commit
+            now = time.perf_counter()
+            t_keep, d_keep, survivors = [], [], []
+            events: list[TokenEvent] = []
+            for bi, r in enumerate(rows):
+                st = stats[r]
+                n, k = n_acc[bi], nd[bi]
+                block = dlist[bi][:n]
+                if not (dead[bi] and n == k):
+                    block.append(nxt[bi])
+                reason = None
+                cut = next((idx for idx, tkn in enumerate(block) if tkn in stop_sets[r]), None)
+                if cut is not None:
+                    block = block[: cut + 1]
+                    reason = "stop"
+                accepted_c = min(n, len(block))
+                extra = len(block) - accepted_c  # the recovered or bonus token, if emitted
+                # a stop token accepted mid-block: the drafts after it never mattered
+                drafted_c = k if cut is None or cut >= n else accepted_c
+                if extra:
+                    if n == k:
+                        st.bonus += 1
+                    else:
+                        st.recovered += 1
+                st.drafted += drafted_c
+                st.accepted += accepted_c
+                for j_ in range(drafted_c):
+                    st.record_position(j_, j_ < accepted_c)
+                st.verify_steps += 1
+                st.target_forwards += 1
+                st.target_time_s += verify_s
+                st.draft_forwards += draft_forwards
+                st.draft_time_s += draft_s
+                c = cons[bi]
+                if c is not None:
+                    c.rollback(k - accepted_c)
+                    if extra:
+                        c.advance(block[-1])
+                    if reason is None and (c.is_finished() or (dead[bi] and n == k)):
+                        reason = "stop"
+                policies[r].observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
+                                                 draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s))
+                seqs[r].extend(block)
+                gen_counts[r] += len(block)
+                st.generated = gen_counts[r]
+                if reason is None and not block:
+                    reason = "stop"  # the constraint allows no further token
+                if reason is None and (gen_counts[r] >= configs[r].max_new_tokens or len(seqs[r]) >= ctx_t):
+                    reason = "length"
+                if reason is not None:
+                    st.total_time_s = now - t_start
+                    result = DecodeResult(token_ids=seqs[r][len(prompts[r]):], finish_reason=reason, stats=st)
+                    events.append(TokenEvent(row_ids[r], block, result))
+                else:
+                    survivors.append(bi)
+                    events.append(TokenEvent(row_ids[r], block))
+                # the target keeps the pending token + the accepted drafts; the draft had cached the
+                # committed tokens + d_1..d_{K-1}
+                t_keep.append(tgt.pos[bi] - K + accepted_c)
+                if dft is not None:
+                    if K == 0:
+                        d_keep.append(dft.pos[bi])
+                    elif draft_ok[r]:
+                        d_keep.append(seq_len_before[bi] + min(accepted_c, K - 1))
+                    else:
+                        d_keep.append(0)
+            tgt.keep(t_keep)
+            if dft is not None:
+                dft.keep(d_keep)
+            if len(survivors) < nb:
+                rows = [rows[bi] for bi in survivors]
+                if rows:
+                    tgt.select(survivors)
+                    if dft is not None:
+                        dft.select(survivors)
+            yield from events
+
+
+def _next_mask(c: TokenConstraint, vocab: int, device) -> torch.Tensor | None:
+    """The constraint's mask for the next position, or None when nothing may follow."""
+    if c.is_finished():
+        return None
+    m = fit_mask(c.allowed(), vocab, device)
+    return m if bool(m.any()) else None

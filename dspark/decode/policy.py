@@ -1,0 +1,370 @@
+"""Draft-length policies: how many tokens to draft next. A policy sees only statistics and draft
+signals (never a model), one policy object per request, so rows of a batch adapt independently.
+
+Per step the decoder asks `plan()` for a DraftPlan: at most `max_tokens` drafts, and early-exit
+thresholds the decoder applies after each drafted token (vectorised over the batch):
+- `min_confidence`: stop after a drafted token whose draft confidence is below it. Confidence is the
+  draft's probability of the token it proposed (greedy: its max softmax probability at temperature 1;
+  sampling: the probability of the sampled token under the draft's warped distribution).
+- `min_acceptance`: stop once the product of the acceptance head's predicted acceptance
+  probabilities of this step's drafts falls below it (needs an acceptance head).
+The token that triggers a stop is still verified (its draft forward is already paid for).
+After verification the decoder calls `observe(StepFeedback)` with the counts and measured costs.
+
+Forms accepted by `parse_draft_length` (also the CLI's `--draft-length`):
+- `K` or `static:K`: always K drafts (K >= 1).
+- `confidence:T[:KMAX]`: draft up to KMAX (default 16) and stop when confidence < T (0 < T < 1).
+- `goodput[:KMAX]`: per step choose K in 1..KMAX (default 12) maximising Leviathan's
+  expected tokens per unit time E(a, K) / (K * c_draft + c_verify), with E(a, K) = (1 - a^(K+1)) / (1 - a),
+  a = this request's running acceptance estimate (accepted / (accepted + rejections), starting
+  from a prior of 0.6 worth 4 trials), c_draft / c_verify = measured seconds per draft forward
+  and per verify forward (running means). Before the first measurement it drafts 4.
+- `learned[:T]`: needs the draft's acceptance head (`acceptance_head.safetensors`); the goodput rule
+  gives the cap and drafting stops once the predicted cumulative acceptance < T (default 0.5).
+- `auto` (the default): `learned` when the draft carries an acceptance head, otherwise `goodput`
+  with a confidence early exit at `AUTO_CONFIDENCE`. Without a draft model every form means
+  target-only decoding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+from dspark.errors import DsparkError
+
+AUTO_CONFIDENCE = 0.3
+DEFAULT_CONFIDENCE_KMAX = 16
+DEFAULT_GOODPUT_KMAX = 12
+DEFAULT_LEARNED_THRESHOLD = 0.5
+
+VALID_FORMS = ("auto, K (an integer >= 1), static:K, confidence:T[:KMAX] (0 < T < 1), goodput[:KMAX], "
+               "learned[:T]")
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """What to draft in the next step (see the module docstring for the thresholds)."""
+
+    max_tokens: int
+    min_confidence: float = 0.0
+    min_acceptance: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepFeedback:
+    """The outcome of one step for one request.
+
+    drafted: drafts of this request that were verified; accepted: how many of them were accepted;
+    draft_forwards / draft_s: draft forwards run in the step and their total seconds;
+    verify_s: seconds of the step's target forward. Times are shared by a batch's rows."""
+
+    drafted: int
+    accepted: int
+    draft_forwards: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a factory may know when it builds a policy."""
+
+    has_draft: bool = True
+    has_acceptance_head: bool = False
+
+
+@runtime_checkable
+class DraftLengthPolicy(Protocol):
+    name: str
+
+    def plan(self) -> DraftPlan: ...
+
+    def observe(self, feedback: StepFeedback) -> None: ...
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Expected tokens per verify step with k drafts of i.i.d. acceptance a (bonus included):
+    (1 - a^(k+1)) / (1 - a)."""
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def analytical_speedup(a: float, k: int, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.'s speedup over target-only decoding: E(a, k) / (k * c + v).
+
+    c: draft forward cost / target forward cost; v: verify forward cost / target decode-step cost."""
+    return expected_tokens(a, k) / (k * c + v)
+
+
+def best_draft_length(a: float, draft_cost: float, verify_cost: float, k_max: int, k_min: int = 1) -> int:
+    """argmax over k in [k_min, k_max] of E(a, k) / (k * draft_cost + verify_cost) (smallest k on ties)."""
+    best_k, best = k_min, -1.0
+    for k in range(k_min, k_max + 1):
+        rate = expected_tokens(a, k) / (k * draft_cost + verify_cost)
+        if rate > best * (1 + 1e-9):
+            best_k, best = k, rate
+    return best_k
+
+
+@dataclass
+class StaticPolicy:
+    k: int
+    name: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise DsparkError(f"draft length K must be >= 1, got {self.k}")
+
+    def plan(self) -> DraftPlan:
+        return DraftPlan(self.k)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        pass
+
+
+@dataclass
+class ConfidencePolicy:
+    threshold: float
+    k_max: int = DEFAULT_CONFIDENCE_KMAX
+    name: str = "confidence"
+
+    def __post_init__(self) -> None:
+        _check_threshold("confidence", self.threshold)
+        _check_kmax(self.k_max)
+
+    def plan(self) -> DraftPlan:
+        return DraftPlan(self.k_max, min_confidence=self.threshold)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        pass
+
+
+@dataclass
+class GoodputPolicy:
+    """Choose K per step from this request's acceptance estimate and the measured forward costs."""
+
+    k_max: int = DEFAULT_GOODPUT_KMAX
+    min_confidence: float = 0.0
+    prior_acceptance: float = 0.6
+    prior_weight: float = 4.0
+    initial_k: int = 4
+    cost_momentum: float = 0.8
+    name: str = "goodput"
+    accepted: int = field(default=0, init=False)
+    rejections: int = field(default=0, init=False)
+    draft_cost: float | None = field(default=None, init=False)
+    verify_cost: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _check_kmax(self.k_max)
+
+    @property
+    def acceptance(self) -> float:
+        """Running estimate of per-token acceptance: each verified draft up to and including the first
+        rejection is a Bernoulli trial (the rest were never judged)."""
+        return ((self.accepted + self.prior_acceptance * self.prior_weight)
+                / (self.accepted + self.rejections + self.prior_weight))
+
+    def choose_k(self) -> int:
+        if self.draft_cost is None or self.verify_cost is None or self.verify_cost <= 0:
+            return min(self.initial_k, self.k_max)
+        return best_draft_length(self.acceptance, self.draft_cost, self.verify_cost, self.k_max)
+
+    def plan(self) -> DraftPlan:
+        return DraftPlan(self.choose_k(), min_confidence=self.min_confidence)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        self.accepted += feedback.accepted
+        self.rejections += int(feedback.accepted < feedback.drafted)
+        m = self.cost_momentum
+        if feedback.draft_forwards > 0:
+            per = feedback.draft_s / feedback.draft_forwards
+            self.draft_cost = per if self.draft_cost is None else m * self.draft_cost + (1 - m) * per
+        if feedback.verify_s > 0:
+            v = feedback.verify_s
+            self.verify_cost = v if self.verify_cost is None else m * self.verify_cost + (1 - m) * v
+
+
+@dataclass
+class LearnedPolicy:
+    """Stop drafting where the acceptance head's predicted cumulative acceptance drops below `threshold`;
+    a goodput policy (with a higher cap) bounds the step."""
+
+    threshold: float = DEFAULT_LEARNED_THRESHOLD
+    k_max: int = 16
+    fixed_cap: int | None = None  # programmatic use: a fixed cap instead of the goodput one
+    name: str = "learned"
+    cap: GoodputPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_threshold("learned", self.threshold)
+        _check_kmax(self.k_max)
+        if self.fixed_cap is not None:
+            _check_kmax(self.fixed_cap)
+        self.cap = GoodputPolicy(k_max=self.k_max, initial_k=8)
+
+    def plan(self) -> DraftPlan:
+        k = self.fixed_cap if self.fixed_cap is not None else self.cap.choose_k()
+        return DraftPlan(k, min_acceptance=self.threshold)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        self.cap.observe(feedback)
+
+
+@dataclass(frozen=True)
+class PolicyFactory:
+    """A parsed `--draft-length` value: call it with a PolicyContext to get one policy per request."""
+
+    spec: str
+    kind: str
+    args: tuple = ()
+
+    def check(self, ctx: PolicyContext) -> None:
+        """Raise DsparkError if this policy cannot run in `ctx` (e.g. `learned` without a head)."""
+        if self.kind == "learned" and ctx.has_draft and not ctx.has_acceptance_head:
+            raise DsparkError("draft length 'learned' needs an acceptance head in the draft folder "
+                              "(acceptance_head.json + acceptance_head.safetensors, written by distillation); "
+                              "use auto, goodput, confidence:T or K instead")
+
+    def resolved_kind(self, ctx: PolicyContext) -> str:
+        """The policy `auto` stands for in `ctx` (other kinds name themselves)."""
+        if self.kind != "auto":
+            return self.kind
+        return "learned" if ctx.has_acceptance_head else "goodput+confidence"
+
+    def __call__(self, ctx: PolicyContext = PolicyContext()) -> DraftLengthPolicy:
+        self.check(ctx)
+        if self.kind == "static":
+            return StaticPolicy(*self.args)
+        if self.kind == "confidence":
+            return ConfidencePolicy(*self.args)
+        if self.kind == "goodput":
+            return GoodputPolicy(*self.args)
+        if self.kind == "learned":
+            return LearnedPolicy(*self.args)
+        # auto
+        if ctx.has_acceptance_head:
+            pol = LearnedPolicy()
+            pol.name = "auto(learned)"
+            return pol
+        return GoodputPolicy(min_confidence=AUTO_CONFIDENCE, name="auto(goodput)")
+
+
+def _check_threshold(kind: str, t: float) -> None:
+    if not (0.0 < t < 1.0) or math.isnan(t):
+        raise DsparkError(f"{kind} threshold must be in (0, 1), got {t}")
+
+
+def _check_kmax(k: int) -> None:
+    if k < 1:
+        raise DsparkError(f"draft length K must be >= 1, got {k}")
+
+
+def _int(text: str, spec: str) -> int:
+    if not re.fullmatch(r"[+-]?\d+", text.strip()):
+        raise DsparkError(f"draft length {spec!r}: {text!r} is not an integer; valid forms: {VALID_FORMS}")
+    k = int(text)
+    if k < 1:
+        raise DsparkError(f"draft length K must be >= 1, got {k} (in {spec!r})")
+    return k
+
+
+def _float(text: str, spec: str, kind: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        raise DsparkError(f"draft length {spec!r}: {text!r} is not a number; valid forms: {VALID_FORMS}") from None
+    _check_threshold(kind, t)
+    return t
+
+
+def _parse_static(spec: str, args: list[str]) -> tuple:
+    if len(args) != 1:
+        raise DsparkError(f"draft length {spec!r}: static needs one value, static:K; valid forms: {VALID_FORMS}")
+    return (_int(args[0], spec),)
+
+
+def _parse_confidence(spec: str, args: list[str]) -> tuple:
+    if len(args) not in (1, 2):
+        raise DsparkError(f"draft length {spec!r}: use confidence:T or confidence:T:KMAX; valid forms: {VALID_FORMS}")
+    t = _float(args[0], spec, "confidence")
+    return (t, _int(args[1], spec)) if len(args) == 2 else (t,)
+
+
+def _parse_goodput(spec: str, args: list[str]) -> tuple:
+    if len(args) > 1:
+        raise DsparkError(f"draft length {spec!r}: use goodput or goodput:KMAX; valid forms: {VALID_FORMS}")
+    return (_int(args[0], spec),) if args else ()
+
+
+def _parse_learned(spec: str, args: list[str]) -> tuple:
+    if len(args) > 1:
+        raise DsparkError(f"draft length {spec!r}: use learned or learned:T; valid forms: {VALID_FORMS}")
+    return (_float(args[0], spec, "learned"),) if args else ()
+
+
+def _parse_auto(spec: str, args: list[str]) -> tuple:
+    if args:
+        raise DsparkError(f"draft length {spec!r}: auto takes no value; valid forms: {VALID_FORMS}")
+    return ()
+
+
+POLICY_PARSERS: dict[str, Callable[[str, list[str]], tuple]] = {
+    "auto": _parse_auto,
+    "static": _parse_static,
+    "confidence": _parse_confidence,
+    "goodput": _parse_goodput,
+    "learned": _parse_learned,
+}
+
+
+@dataclass(frozen=True)
+class CustomPolicyFactory:
+    """Wraps a user callable PolicyContext -> DraftLengthPolicy (a plug-in policy)."""
+
+    make: Callable[[PolicyContext], DraftLengthPolicy]
+    spec: str = "custom"
+    kind: str = "custom"
+
+    def check(self, ctx: PolicyContext) -> None:
+        pass
+
+    def resolved_kind(self, ctx: PolicyContext) -> str:
+        return self.kind
+
+    def __call__(self, ctx: PolicyContext = PolicyContext()) -> DraftLengthPolicy:
+        pol = self.make(ctx)
+        if not isinstance(pol, DraftLengthPolicy):
+            raise DsparkError(f"custom draft-length factory returned {type(pol).__name__}, not a DraftLengthPolicy "
+                              "(needs name, plan(), observe())")
+        return pol
+
+
+def parse_draft_length(spec) -> PolicyFactory | CustomPolicyFactory:
+    """Parse a draft-length form (see the module docstring) into a PolicyFactory. A PolicyFactory is
+    returned as is; any other callable (PolicyContext -> DraftLengthPolicy) is wrapped as a plug-in.
+
+    Raises DsparkError naming the bad value and listing the valid forms."""
+    if isinstance(spec, (PolicyFactory, CustomPolicyFactory)):
+        return spec
+    if callable(spec) and not isinstance(spec, (str, int)):
+        return CustomPolicyFactory(spec)
+    if isinstance(spec, bool):
+        raise DsparkError(f"bad draft length {spec!r}; valid forms: {VALID_FORMS}")
+    if isinstance(spec, int):
+        return PolicyFactory(str(spec), "static", (_int(str(spec), str(spec)),))
+    if not isinstance(spec, str):
+        raise DsparkError(f"bad draft length {spec!r}; valid forms: {VALID_FORMS}")
+    text = spec.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return PolicyFactory(text, "static", (_int(text, spec),))
+    kind, *args = text.split(":")
+    parser = POLICY_PARSERS.get(kind.strip().lower())
+    if parser is None:
+        raise DsparkError(f"unknown draft length {spec!r}; valid forms: {VALID_FORMS}")
+    kind = kind.strip().lower()
+    return PolicyFactory(text, kind, parser(spec, [a.strip() for a in args]))

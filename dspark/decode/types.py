@@ -1,0 +1,127 @@
+"""The decoder's shared vocabulary: generation settings, per-request statistics, results.
+
+Terms (used everywhere in dspark, defined once here):
+- drafted: tokens the draft proposed and the target verified.
+- accepted: drafted tokens the target kept (greedy: equal to the target's argmax; sampling: kept
+  with probability min(1, p(x)/q(x))).
+- recovered: the token the target emits at the first rejection (greedy: its argmax; sampling: a
+  sample from norm(max(0, p - q))).
+- bonus: the extra token sampled from the target when every drafted token was accepted.
+- target forward: one call of the target (prefill counts as one; each verify step counts as one).
+Every verify step emits accepted + exactly one recovered-or-bonus token, so
+    mean accepted tokens = (accepted + recovered + bonus) / verify steps
+includes the bonus (vLLM's convention) and target-only decoding scores exactly 1.0.
+acceptance rate = accepted / drafted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from dspark.errors import DsparkError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Per-request settings. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    # True: only `stop_token_ids` end a request (the tokenizer's / model's eos does not), e.g. for
+    # fixed-length benchmarks. False: stop_token_ids, or when empty the decoder's default eos ids.
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise DsparkError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # NaN too
+            raise DsparkError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise DsparkError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise DsparkError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
+            raise DsparkError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class DecodeStats:
+    """Counters for one request (or, merged, for many). Times are seconds of wall clock."""
+
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    verify_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    recovered: int = 0
+    bonus: int = 0
+    generated: int = 0
+    prompt_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    target_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        emitted = self.accepted + self.recovered + self.bonus
+        return emitted / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def record_position(self, position: int, accepted: bool) -> None:
+        while len(self.drafted_per_position) <= position:
+            self.drafted_per_position.append(0)
+            self.accepted_per_position.append(0)
+        self.drafted_per_position[position] += 1
+        self.accepted_per_position[position] += int(accepted)
+
+    def merge(self, other: "DecodeStats") -> "DecodeStats":
+        out = DecodeStats()
+        for name in ("target_forwards", "draft_forwards", "verify_steps", "drafted", "accepted",
+                     "recovered", "bonus", "generated", "prompt_tokens", "target_time_s",
+                     "draft_time_s", "total_time_s"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        n = max(len(self.drafted_per_position), len(other.drafted_per_position))
+        pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
+        out.drafted_per_position = [a + b for a, b in zip(pad(self.drafted_per_position), pad(other.drafted_per_position))]
+        out.accepted_per_position = [a + b for a, b in zip(pad(self.accepted_per_position), pad(other.accepted_per_position))]
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_rate=self.acceptance_rate, mean_accepted_tokens=self.mean_accepted_tokens,
+                 tokens_per_s=self.tokens_per_s)
+        return d
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class DecodeResult:
+    """One request's output: generated ids only (prompt excluded), why it ended, its stats."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stats: DecodeStats

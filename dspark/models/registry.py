@@ -1,0 +1,231 @@
+"""Model names: an explicit registry of hub aliases and built-in models, and name resolution.
+
+`resolve_model(name)` never touches the network and never imports torch: it decides what a name
+means (a local folder, a built-in model, an alias, or a hub id) and whether its weights are on this
+machine (for hub ids: present in the local Hugging Face cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from dspark.errors import DsparkError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+# The recipe that (re)builds the built-in family; named in errors when a built-in folder is missing.
+BUILD_TINY_COMMAND = ("python -m dspark build-tiny-family --recipe dspark/recipes/tiny-code.yaml "
+                      "--out dspark/models/builtin")
+
+# huggingface_hub >= 1.0 ships the `hf` CLI (the old `huggingface-cli` entry point is gone).
+DOWNLOAD_COMMAND = "hf download"
+
+Kind = Literal["builtin", "alias", "local", "hub"]
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short name for a hub model. `family` groups models that share a tokenizer (pairable)."""
+
+    hub_id: str
+    family: str
+    parameters: str
+    instruct: bool = False
+
+
+def _pair(base: str, hub_base: str, family: str, params: str, hub_instruct: str) -> dict[str, Alias]:
+    return {base: Alias(hub_base, family, params),
+            f"{base}-instruct": Alias(hub_instruct, family, params, instruct=True)}
+
+
+# The targets and drafts people actually pair. Llama 3 / 3.1 / 3.2 share one tokenizer; Qwen2.5
+# sizes share a tokenizer but the 7B/72B embeddings are padded larger than the 0.5B/1.5B ones.
+ALIASES: dict[str, Alias] = {
+    **_pair("llama3-70b", "meta-llama/Meta-Llama-3-70B", "llama3", "70B",
+            "meta-llama/Meta-Llama-3-70B-Instruct"),
+    **_pair("llama3-8b", "meta-llama/Meta-Llama-3-8B", "llama3", "8B",
+            "meta-llama/Meta-Llama-3-8B-Instruct"),
+    **_pair("llama3.1-70b", "meta-llama/Llama-3.1-70B", "llama3", "70B",
+            "meta-llama/Llama-3.1-70B-Instruct"),
+    **_pair("llama3.1-8b", "meta-llama/Llama-3.1-8B", "llama3", "8B",
+            "meta-llama/Llama-3.1-8B-Instruct"),
+    **_pair("llama3.2-3b", "meta-llama/Llama-3.2-3B", "llama3", "3B",
+            "meta-llama/Llama-3.2-3B-Instruct"),
+    **_pair("llama3.2-1b", "meta-llama/Llama-3.2-1B", "llama3", "1B",
+            "meta-llama/Llama-3.2-1B-Instruct"),
+    **_pair("qwen2.5-72b", "Qwen/Qwen2.5-72B", "qwen2.5", "72B", "Qwen/Qwen2.5-72B-Instruct"),
+    **_pair("qwen2.5-7b", "Qwen/Qwen2.5-7B", "qwen2.5", "7B", "Qwen/Qwen2.5-7B-Instruct"),
+    **_pair("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", "qwen2.5", "1.5B", "Qwen/Qwen2.5-1.5B-Instruct"),
+    **_pair("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "qwen2.5", "0.5B", "Qwen/Qwen2.5-0.5B-Instruct"),
+    **_pair("mistral-7b", "mistralai/Mistral-7B-v0.1", "mistral", "7B",
+            "mistralai/Mistral-7B-Instruct-v0.1"),
+    **_pair("gemma2-27b", "google/gemma-2-27b", "gemma2", "27B", "google/gemma-2-27b-it"),
+    **_pair("gemma2-9b", "google/gemma-2-9b", "gemma2", "9B", "google/gemma-2-9b-it"),
+    **_pair("gemma2-2b", "google/gemma-2-2b", "gemma2", "2B", "google/gemma-2-2b-it"),
+}
+
+# Built-in models ship inside the package (trained by dspark/recipes/tiny-code.yaml).
+BUILTINS: dict[str, str] = {
+    "tiny-code": "target of the built-in family (the analog of a 70B target)",
+    "tiny-code-draft-s": "small draft of the built-in family",
+    "tiny-code-draft-m": "medium draft of the built-in family",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model name means here. `local_path` is the folder to load from, None if not on disk."""
+
+    name: str
+    kind: Kind
+    resolves_to: str
+    local_path: Path | None
+    available: bool
+
+    @property
+    def label(self) -> str:
+        """`'llama3-70b' (meta-llama/Meta-Llama-3-70B)` or just `'path'` when both are the same."""
+        if self.resolves_to == self.name:
+            return repr(self.name)
+        return f"{self.name!r} ({self.resolves_to})"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["local_path"] = str(self.local_path) if self.local_path else None
+        return d
+
+
+def builtin_path(name: str) -> Path:
+    return BUILTIN_DIR / name
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (tests redirect it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def has_safetensors_weights(folder: Path) -> bool:
+    """True if `folder` holds a complete safetensors checkpoint (single file or every shard)."""
+    if (folder / "model.safetensors").is_file():
+        return True
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return False
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(shards) and all((folder / s).is_file() for s in shards)
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and has_safetensors_weights(folder)
+
+
+def cached_snapshot(hub_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot folder of `hub_id` (revision main) if it holds config + safetensors."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(hub_id, "config.json", cache_dir=str(cache_dir or hf_cache_dir()))
+    except ValueError:  # not a syntactically valid repo id: cannot be cached
+        return None
+    if not isinstance(config, str):  # None (not cached) or the cached "does not exist" marker
+        return None
+    snapshot = Path(config).parent
+    return snapshot if has_safetensors_weights(snapshot) else None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name the user meant as a folder, not a hub id (`org/name` has exactly one slash)."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+            or not _HUB_ID.match(name))
+
+
+def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None) -> ResolvedModel:
+    """Decide what `name_or_path` is: an existing local folder, a built-in, an alias, or a hub id.
+
+    An existing folder wins over a name so a user can always point at their own copy.
+    """
+    name = os.fspath(name_or_path)
+    if not name.strip():
+        raise DsparkError("model name is empty: pass a built-in name, an alias (see `dspark models`), "
+                          "a hub id or a local folder path")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DsparkError(f"model path {name!r} is a file: pass the model's folder (with config.json "
+                              "and model.safetensors)")
+        path = path.resolve()
+        return ResolvedModel(name, "local", str(path), path, True)
+    if name in BUILTINS:
+        folder = builtin_path(name)
+        ok = is_model_folder(folder)
+        return ResolvedModel(name, "builtin", str(folder), folder if ok else None, ok)
+    if name in ALIASES:
+        hub_id = ALIASES[name].hub_id
+        snap = cached_snapshot(hub_id, cache_dir)
+        return ResolvedModel(name, "alias", hub_id, snap, snap is not None)
+    if _looks_like_path(name):
+        return ResolvedModel(name, "local", str(path), None, False)
+    snap = cached_snapshot(name, cache_dir)
+    return ResolvedModel(name, "hub", name, snap, snap is not None)
+
+
+def builtin_meta(name: str) -> dict:
+    """The built-in model's `dspark_model.json` (training facts), or {} if it is absent."""
+    meta = builtin_path(name) / "dspark_model.json"
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+
+
+def list_models(cache_dir: Path | None = None) -> list[dict]:
+    """Every built-in model and alias: name, kind, resolves_to, available, parameters, family, notes,
+    and `hint` (how to make it available) for the ones that are not here."""
+    rows: list[dict] = []
+    for name, note in BUILTINS.items():
+        r = resolve_model(name, cache_dir)
+        meta = builtin_meta(name)
+        notes = note
+        if meta.get("heldout_loss") is not None:
+            notes += f"; held-out loss {meta['heldout_loss']}"
+        rows.append({"name": name, "kind": r.kind, "resolves_to": r.resolves_to, "available": r.available,
+                     "parameters": meta.get("parameters"), "family": meta.get("family", "tiny-code"),
+                     "notes": notes, "hint": None if r.available else f"build it: `{BUILD_TINY_COMMAND}`"})
+    for name, alias in ALIASES.items():
+        r = resolve_model(name, cache_dir)
+        rows.append({"name": name, "kind": r.kind, "resolves_to": r.resolves_to, "available": r.available,
+                     "parameters": alias.parameters, "family": alias.family,
+                     "notes": "instruct" if alias.instruct else "base",
+                     "hint": None if r.available else f"download it: `{DOWNLOAD_COMMAND} {alias.hub_id}`"})
+    return rows
+
+
+def format_parameters(n) -> str:
+    """1_300_000 -> '1.3M'; strings ('70B') pass through; None -> ''."""
+    if n is None:
+        return ""
+    if isinstance(n, str):
+        return n
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)

@@ -1,0 +1,108 @@
+"""Run the app with uvicorn: in the foreground (`dspark serve-bundle`) or in a background thread
+(tests, the quickstart). The socket is bound here, before uvicorn starts, so port 0 means "any free
+port" and the caller learns the real one."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from dspark.errors import DsparkError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise DsparkError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise DsparkError(f"--host {host!r} cannot be resolved: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise DsparkError(f"cannot listen on {host}:{port}: {e.strerror} (pass another --port)") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app, log_level: str = "warning"):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server on a background thread; `stop()` shuts it down (lifespan included)."""
+
+    server: object
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 60.0) -> RunningServer:
+    """Start `app` on host:port (0 = a free port) in a daemon thread; return once it accepts requests."""
+    sock = bind_socket(host, port)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dspark-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise DsparkError("the server thread exited during start-up")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise DsparkError(f"the server did not start within {startup_timeout:.0f} s")
+        time.sleep(0.02)
+    return RunningServer(server, thread, host, sock.getsockname()[1])
+
+
+def serve_bundle(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | None = None, max_batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                 batch_window_ms: float = 10.0, log: Callable[[str], None] = print) -> None:
+    """Load the bundle and serve it until interrupted (Ctrl-C)."""
+    from dspark.serve.app import create_app
+    from dspark.serve.runtime import runtime_from_bundle
+
+    if max_batch_size < 1:
+        raise DsparkError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if batch_window_ms < 0:
+        raise DsparkError(f"--batch-window-ms must be >= 0, got {batch_window_ms}")
+    sock = bind_socket(host, port)  # fail on a taken port before minutes of model loading
+    try:
+        runtime = runtime_from_bundle(bundle, device=device, dtype=dtype, log=log)
+        app = create_app(runtime, api_key=api_key, max_batch_size=max_batch_size,
+                         batch_window_s=batch_window_ms / 1000.0)
+    except BaseException:
+        sock.close()
+        raise
+    if host not in LOOPBACK:
+        log(f"warning: listening on {host}, reachable from other machines"
+            + ("" if api_key else "; consider --api-key"))
+    actual = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    log(f"serving {runtime.model_id} at http://{shown}:{actual}/v1 (draft length {runtime.policy}, "
+        f"max batch {max_batch_size}{', API key required' if api_key else ''}); Ctrl-C stops")
+    make_server(app).run(sockets=[sock])

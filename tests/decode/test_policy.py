@@ -1,0 +1,90 @@
+"""Draft-length policies: parsing (and its errors), the goodput rule, auto's choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark.decode.policy import (AUTO_CONFIDENCE, ConfidencePolicy, GoodputPolicy, LearnedPolicy, PolicyContext,
+                                  StaticPolicy, StepFeedback, analytical_speedup, best_draft_length,
+                                  expected_tokens, parse_draft_length)
+from dspark.errors import DsparkError
+
+HEAD = PolicyContext(has_draft=True, has_acceptance_head=True)
+NO_HEAD = PolicyContext(has_draft=True, has_acceptance_head=False)
+
+
+@pytest.mark.parametrize("spec,cls,max_tokens", [("4", StaticPolicy, 4), (3, StaticPolicy, 3),
+                                                 ("static:6", StaticPolicy, 6), (" static : 2 ", StaticPolicy, 2),
+                                                 ("confidence:0.4", ConfidencePolicy, 16),
+                                                 ("confidence:0.4:5", ConfidencePolicy, 5),
+                                                 ("goodput", GoodputPolicy, 4), ("goodput:2", GoodputPolicy, 2)])
+def test_parse_forms(spec, cls, max_tokens):
+    pol = parse_draft_length(spec)(NO_HEAD)
+    assert isinstance(pol, cls)
+    assert pol.plan().max_tokens == max_tokens
+
+
+def test_confidence_plan_carries_threshold():
+    assert parse_draft_length("confidence:0.25")(NO_HEAD).plan().min_confidence == 0.25
+
+
+@pytest.mark.parametrize("spec,match", [("0", "K must be >= 1"), ("-2", "K must be >= 1"), ("static:0", ">= 1"),
+                                        ("static:x", "not an integer"), ("confidence:1.5", r"\(0, 1\)"),
+                                        ("confidence:0", r"\(0, 1\)"), ("confidence", "confidence:T"),
+                                        ("confidence:0.5:0", ">= 1"), ("goodput:0", ">= 1"),
+                                        ("learned:2", r"\(0, 1\)"), ("auto:3", "no value"),
+                                        ("fastest", "valid forms: auto, K"), ("", "valid forms"),
+                                        (1.5, "valid forms"), (True, "valid forms")])
+def test_parse_errors_name_the_value_and_the_valid_forms(spec, match):
+    with pytest.raises(DsparkError, match=match):
+        parse_draft_length(spec)
+
+
+def test_learned_needs_a_head():
+    factory = parse_draft_length("learned")
+    with pytest.raises(DsparkError, match="acceptance head"):
+        factory(NO_HEAD)
+    pol = factory(HEAD)
+    assert isinstance(pol, LearnedPolicy) and pol.plan().min_acceptance == 0.5
+    assert parse_draft_length("learned:0.2")(HEAD).plan().min_acceptance == 0.2
+
+
+def test_auto_prefers_the_head_else_goodput_with_confidence_exit():
+    auto = parse_draft_length("auto")
+    with_head = auto(HEAD)
+    assert isinstance(with_head, LearnedPolicy) and auto.resolved_kind(HEAD) == "learned"
+    without = auto(NO_HEAD)
+    assert isinstance(without, GoodputPolicy) and without.plan().min_confidence == AUTO_CONFIDENCE
+    assert auto.resolved_kind(NO_HEAD) == "goodput+confidence"
+
+
+def test_expected_tokens_identities():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert analytical_speedup(0.0, 0, 0.1) == 1.0
+    assert analytical_speedup(0.8, 4, 0.1, 1.0) == pytest.approx((1 - 0.8 ** 5) / 0.2 / 1.4)
+
+
+def test_best_draft_length_follows_acceptance_and_cost():
+    assert best_draft_length(0.95, 0.05, 1.0, 12) > best_draft_length(0.6, 0.05, 1.0, 12)
+    assert best_draft_length(0.8, 0.5, 1.0, 12) < best_draft_length(0.8, 0.05, 1.0, 12)
+    assert best_draft_length(0.05, 0.5, 1.0, 12) == 1
+    assert best_draft_length(1.0, 0.01, 1.0, 7) == 7
+
+
+def test_goodput_adapts_to_its_own_request():
+    good, bad = GoodputPolicy(), GoodputPolicy()
+    assert good.plan().max_tokens == 4  # no costs measured yet
+    for _ in range(20):
+        good.observe(StepFeedback(drafted=8, accepted=8, draft_forwards=8, draft_s=0.008, verify_s=0.01))
+        bad.observe(StepFeedback(drafted=4, accepted=0, draft_forwards=4, draft_s=0.004, verify_s=0.01))
+    assert good.acceptance > 0.9 and bad.acceptance < 0.3
+    assert good.plan().max_tokens > 6
+    assert bad.plan().max_tokens == 1
+
+
+def test_goodput_acceptance_counts_trials_up_to_the_first_rejection():
+    pol = GoodputPolicy(prior_weight=0.0)
+    pol.observe(StepFeedback(drafted=5, accepted=2))  # 2 accepted, 1 rejected, 2 never judged
+    assert pol.acceptance == pytest.approx(2 / 3)
