@@ -380,5 +380,206 @@ def serve_bundle_cmd(
                  log=lambda m: console.print(m, highlight=False, soft_wrap=True))
 
 
+@app.command("distill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def distill_cmd(
+    ctx: typer.Context,
+    target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
+    draft: List[str] = typer.Option(..., "--draft", help="Draft model to distil (repeat for several)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: cache/, drafts/<name>/, candidates/<name>.yaml."),
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Existing logits cache (default: collect into OUT/cache)."),
+    objective: str = typer.Option("fkl", "--objective", help="fkl, rkl, jsd[:BETA] or tvd."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: one epoch)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Training epochs over the cache (instead of --steps)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 5e-4; 2e-3 with --lora)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Cached prompts per training step (per process)."),
+    acceptance_head: bool = typer.Option(False, "--acceptance-head",
+                                         help="Also train the acceptance head the `learned` draft length uses."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Collect: at most this many prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Collect / on-policy: continuation length."),
+    top_k: int = typer.Option(64, "--top-k", help="Collect: target log-probs kept per position (+ tail)."),
+    heldout_percent: float = typer.Option(10.0, "--heldout-percent",
+                                          help="Cache rows held out for the expected-acceptance evaluation."),
+    eval_prompts: int = typer.Option(16, "--eval-prompts", help="Eval-split prompts for the decoder before/after."),
+    eval_max_new_tokens: int = typer.Option(64, "--eval-max-new-tokens", help="Tokens per decoder measurement."),
+    eval_k: int = typer.Option(4, "--eval-k", help="Static draft length of the decoder measurement."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="Target dtype: float32, bfloat16, float16 or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed of shuffling, sampling and initialisation."),
+    deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (needs the train extra)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (each draft: path, candidate, metrics)."),
+):
+    """Distil drafts toward a target: collect its logits (unless --cache), train, measure, write candidates.
+
+    Also: --lora [RANK] (LoRA adapters, default rank 16, merged at the end) and --on-policy [LAMBDA]
+    (a fraction LAMBDA, default 0.5, of batches sampled by the draft and scored by the target online).
+    Data parallel: `torchrun --nproc_per_node N -m dspark distill ...`.
+    """
+    from dspark.distill.distill import (CollectSettings, EvalSettings, parse_optional_value_flags,
+                                        run_distill)
+    from dspark.distill.train import TrainConfig
+
+    lora, on_policy = parse_optional_value_flags(ctx.args)
+    cfg = TrainConfig(objective=objective, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                      heldout_percent=heldout_percent, seed=seed, lora_rank=lora, on_policy=on_policy or 0.0,
+                      on_policy_max_new_tokens=max_new_tokens, acceptance_head=acceptance_head)
+    say_console = err_console if as_json else console
+    summary = run_distill(
+        target, draft, out, task=task, data=data, cache=cache, train=cfg,
+        collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
+        evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
+        device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
+        log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
+    if summary is None:  # a data-parallel rank other than 0: rank 0 reports
+        return
+    if as_json:
+        print_json(summary)
+        return
+    for d in summary["drafts"]:
+        if "path" in d:
+            console.print(f"{d['name']}: {d['path']} (candidate {d['candidate']})", highlight=False, soft_wrap=True)
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    method: str = typer.Option(..., "--method", help="int8, int4, nf4 or gptq4."),
+    out: Path = typer.Option(..., "--out", help="Folder for the quantized checkpoint and its candidate.yaml."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft to quantize: folder, built-in, alias or hub id."),
+    candidate: Optional[Path] = typer.Option(None, "--candidate", help="Or: a candidate YAML whose draft to quantize."),
+    calibration: Optional[str] = typer.Option(None, "--calibration",
+                                              help="Task name or data (file, folder, hub id): calibration text for "
+                                                   "gptq4 (train split) and the guard's held-out prompts (eval split)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Target for the acceptance guard (default: the "
+                                                                "candidate file's target)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torchao, quanto, bitsandbytes or gptqmodel "
+                                                                  "(default: the first installed one for the method)."),
+    guard: bool = typer.Option(True, "--guard/--no-guard", help="Measure the acceptance drop (needs a target)."),
+    guard_threshold: float = typer.Option(0.05, "--guard-threshold",
+                                          help="Flag the candidate when expected acceptance drops by more (absolute)."),
+    guard_prompts: int = typer.Option(16, "--guard-prompts", help="Held-out prompts the guard uses."),
+    guard_tokens: int = typer.Option(32, "--guard-tokens", help="Target tokens per guard prompt."),
+    calibration_samples: int = typer.Option(64, "--calibration-samples", help="Calibration texts (gptq4)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Candidate name (default: <draft>-<method>)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="Dtype of the unquantized parts (auto: the draft's stored dtype)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Quantize a draft (int8 / int4 / nf4 / gptq4), check it loads, guard its acceptance, write a candidate."""
+    from dspark.quantize.run import QuantizeOptions, quantize_draft
+
+    opts = QuantizeOptions(method=method, backend=backend, calibration=calibration,
+                           calibration_samples=calibration_samples, target=target, guard=guard,
+                           guard_threshold=guard_threshold, guard_prompts=guard_prompts, guard_tokens=guard_tokens,
+                           device=device, dtype=dtype, name=name, force=force)
+    log = (lambda m: err_console.print(m, highlight=False, soft_wrap=True))
+    result = quantize_draft(out, opts, draft=draft, candidate=candidate, log=log)
+    summary = result.summary()
+    if as_json:
+        print_json(summary)
+    else:
+        say = lambda m, style=None: console.print(m, style=style, highlight=False, soft_wrap=True)  # noqa: E731
+        say(f"backend: {summary['backend']} ({summary['backend_reason']})")
+        say(f"weights on disk: {summary['size_on_disk_mb']:.2f} MB (unquantized {summary['size_on_disk_mb_before']:.2f} "
+            f"MB); in memory: {summary['memory_mb']:.2f} MB (unquantized {summary['memory_mb_before']:.2f} MB)")
+        g = summary["guard"]
+        if g is not None:
+            say(f"guard: {g['message']} ({g['positions']} positions; greedy agreement {g['greedy_agreement']:.3f} vs "
+                f"{g['greedy_agreement_before']:.3f})", None if g["passed"] else "bold red")
+        for n in summary["notes"]:
+            say(f"note: {n}", "yellow")
+        say(f"candidate: {summary['candidate']}")
+    for w in summary["warnings"]:
+        err_console.print(f"WARNING: {w}", style="bold red", highlight=False, soft_wrap=True)
+
+
+@app.command("select")
+@user_errors
+def select_cmd(
+    candidates: List[str] = typer.Option(..., "--candidates", help="Candidate YAML files or globs (repeatable); "
+                                                                   "also model folders or built-in names."),
+    target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task; its eval (held-out) split is used."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Or: a .txt / .jsonl prompts file."),
+    n: int = typer.Option(20, "--n", help="Number of prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="New tokens per prompt (eos disabled)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (outputs checked against the target's)."),
+    objective: str = typer.Option("speedup", "--objective", help="speedup, throughput or memory."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Exclude candidates whose peak memory "
+                                                                          "exceeds this many GB."),
+    out: Path = typer.Option(Path("select-report"), "--out", help="Folder for report.json/.md/.png and selected.yaml."),
+    ks: str = typer.Option("1,2,4,6", "--ks", help="Static draft lengths to try, comma-separated."),
+    cost_ratio: Optional[str] = typer.Option(None, "--cost-ratio", help="Project speedups for this draft cost ratio "
+                                                                        "(F, or NAME=F,NAME=F)."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Project speedups onto this machine "
+                                                                    "(h200, h100, a100, l40s, a10g, l4, rtx4090)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch size of the throughput measurement."),
+    cost_reps: int = typer.Option(10, "--cost-reps", help="Timed repetitions per forward in the cost measurement."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: those this process may use)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (float32 on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Score candidate drafts on the same held-out prompts, rank them, and write the winner's selection."""
+    import shlex
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dspark.decode.bench import parse_int_list
+    from dspark.select.measure import SelectConfig
+    from dspark.select.report import render_table, summary_lines
+    from dspark.select.run import select
+
+    config = SelectConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, objective=objective,
+                          max_memory_gb=max_memory, ks=parse_int_list(ks, "--ks"), batch_size=batch_size,
+                          cost_reps=cost_reps, seed=seed, threads=threads, cost_ratio=cost_ratio, hardware=hardware)
+    command = "dspark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        bar = progress.add_task("loading the target", total=None)
+
+        def on_step(label: str, done: int, total: int) -> None:
+            progress.update(bar, description=label, completed=done, total=total)
+
+        report = select(candidates, target, config, task=task, prompts_file=prompts, out=out, device=device,
+                        dtype=dtype, progress=on_step, command=command)
+    if as_json:
+        print_json(report)
+    else:
+        out_console = console if console.is_terminal else Console(width=max(console.width, 150))
+        out_console.print(render_table(report))
+        for line, style in summary_lines(report):
+            out_console.print(line, style=style, highlight=False, soft_wrap=True)
+    if report["winner"] is None:
+        raise DsparkError(f"no candidate could be scored (see {out / 'report.md'})")
+
+
+@app.command("quickstart")
+@user_errors
+def quickstart_cmd(
+    out: Path = typer.Option(Path("dspark-quickstart"), "--out", help="Folder for every stage's output "
+                                                                      "(a re-run reuses finished stages)."),
+    fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere (a smoke run of a minute or two)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """The whole job on the built-in family, offline: collect, distill, quantize, select, export, serve one request."""
+    from dspark.quickstart import render_summary, run_quickstart
+
+    result = run_quickstart(out, fast=fast, device=device, console=err_console)
+    if as_json:
+        print_json(result.summary())
+        return
+    out_console = console if console.is_terminal else Console(width=max(console.width, 150))
+    table, lines = render_summary(result)
+    out_console.print(table)
+    for line in lines:
+        out_console.print(line, highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -105,7 +105,8 @@ def model_card(m: "BundleManifest") -> str:
         "",
         "## Decoding policy",
         "",
-        f"- dspark draft length: `{p.draft_length}` ({p.kind}{', ' + _fmt(p.params) if p.params else ''})",
+        f"- dspark draft length: `{p.draft_length}` ({p.kind}"
+        f"{''.join(f', {k}={_fmt(v)}' for k, v in p.params.items())})",
         f"- fixed K for vLLM / SGLang: {p.num_speculative_tokens} ({p.num_speculative_tokens_source})",
         "",
         "## Measured",
@@ -126,7 +127,7 @@ def model_card(m: "BundleManifest") -> str:
         "",
         "## Serve",
         "",
-        "dspark (OpenAI-compatible, adaptive draft length):",
+        f"dspark (OpenAI-compatible, draft length `{p.draft_length}`):",
         "",
         "```bash",
         "dspark verify-bundle .          # hashes, weight names, one decode against the target alone",

@@ -136,29 +136,28 @@ def measure_forward_seconds(model, prefix: Sequence[int], token_counts: Sequence
     """Median seconds of one cached forward over T new tokens after `prefix`, for each T.
 
     The cache holds the prefix; each timed forward appends T tokens (logits for all T, as a verify
-    step needs) and is cropped off again, so every sample sees the same cache length. Returns
-    {T: seconds}."""
+    step needs) and is cropped off again, so every sample sees the same cache length. The sizes
+    take turns within each repetition, so a burst of background load hits all of them alike
+    instead of inflating one. Returns {T: seconds}."""
     import torch
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    out: dict[int, float] = {}
+    sizes = [int(t) for t in token_counts]
+    samples: dict[int, list[float]] = {t: [] for t in sizes}
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([list(prefix)], device=device), cache=cache, use_cache=True,
               logits_to_keep=1)
-        fill = int(prefix[-1])
-        for t in token_counts:
-            ids = torch.full((1, int(t)), fill, dtype=torch.long, device=device)
-            samples = []
-            for r in range(warmup + reps):
-                _, dt = timed(lambda: model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=int(t)),
-                              device)
-                cache.crop(-int(t))
+        inputs = {t: torch.full((1, t), int(prefix[-1]), dtype=torch.long, device=device) for t in sizes}
+        for r in range(warmup + reps):
+            for t in sizes:
+                ids = inputs[t]
+                _, dt = timed(lambda: model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=t), device)
+                cache.crop(-t)
                 if r >= warmup:
-                    samples.append(dt)
-            out[int(t)] = analysis.median_seconds(samples)
-    return out
+                    samples[t].append(dt)
+    return {t: analysis.median_seconds(v) for t, v in samples.items()}
 
 
 @dataclass

@@ -54,6 +54,8 @@ import torch
 
 from dspark.decode.acceptance_head import AcceptanceHead, has_acceptance_head, load_acceptance_head
 from dspark.decode.constraints import TokenConstraint, fit_mask
+from dspark.decode.fastpath import KVBuffer, LeanLlama
+from dspark.decode.fastpath import supports as fastpath_supports
 from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
@@ -74,9 +76,11 @@ class TokenEvent:
 
 
 class _Runner:
-    """The lean per-step call of one causal LM: base model, then lm_head on the needed positions only."""
+    """One model's per-step call: the lean Llama-family forward (fastpath.py) when the model has that
+    structure, else the HF forward with the base model and lm_head called separately, so logits are
+    only computed for the positions that need them."""
 
-    def __init__(self, model: torch.nn.Module, role: str):
+    def __init__(self, model: torch.nn.Module, role: str, lean: bool = True):
         self.model = model
         self.role = role
         cfg = model.config
@@ -88,15 +92,18 @@ class _Runner:
         self.vocab = int(getattr(head, "out_features", 0) or cfg.vocab_size)
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.hidden_size = getattr(cfg, "hidden_size", None)
+        self.lean = LeanLlama(model) if lean and fastpath_supports(model) else None
         attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
-        if attn not in ("sdpa", "eager"):
+        if self.lean is None and attn not in ("sdpa", "eager"):
             raise DsparkError(f"{role} model uses attention implementation {attn!r}; the speculative decoder "
                               "supports 'sdpa' and 'eager' (load it with attn_implementation='sdpa')")
-        self.additive_mask = attn == "eager"
+        self.additive_mask = attn == "eager" and self.lean is None
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
 
-    def new_cache(self):
+    def new_cache(self, batch: int):
+        if self.lean is not None:
+            return self.lean.new_cache(batch)
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
@@ -107,9 +114,26 @@ class _Runner:
                               "full-attention models (DynamicLayer) only")
         return cache
 
+    @staticmethod
+    def crop(cache, new_length: int, old_length: int) -> None:
+        if isinstance(cache, KVBuffer):
+            cache.crop(new_length)
+        else:
+            cache.crop(new_length - old_length)  # transformers 5: a negative count drops that many slots
+
+    @staticmethod
+    def select(cache, idx: torch.Tensor) -> None:
+        if isinstance(cache, KVBuffer):
+            cache.select(idx)
+        else:
+            cache.batch_select_indices(idx)
+
     def __call__(self, ids, pos, mask, cache, n_logits: int, want_hidden: bool):
-        """ids, pos: [B, T] long; mask: [B, 1, T, S] -> (logits [B, n_logits, V] or None, hidden [B, H] or None)."""
-        if self.additive_mask:
+        """ids, pos: [B, T] long; mask: bool [B, 1, T, S] or None (attend to every slot: only for one-token
+        steps without holes) -> (logits [B, n_logits, V] or None, final hidden [B, H] or None)."""
+        if self.lean is not None:
+            return self.lean(ids, pos, mask, cache, n_logits, want_hidden)
+        if self.additive_mask and mask is not None:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(self.dtype).min)
         if self.split:
@@ -130,11 +154,12 @@ class _Slots:
 
     def __init__(self, runner: _Runner, batch: int, capacity: int = 256):
         self.runner = runner
-        self.cache = runner.new_cache()
+        self.cache = runner.new_cache(batch)
         self.device = runner.device
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.length = 0  # slots in the cache
         self.pos: list[int] = [0] * batch  # valid tokens per row (= next position id)
+        self.holes = False  # some slot below `length` is invalid for some row
         self._tri: dict[int, torch.Tensor] = {}
 
     def _ensure(self, slots: int) -> None:
@@ -155,7 +180,6 @@ class _Slots:
         the model. Returns the runner's (logits [B, n_logits, V], hidden [B, H])."""
         b = len(chunks)
         t = max(len(c) for c in chunks)
-        s0 = self.length
         ids = torch.zeros(b, t, dtype=torch.long)
         pos = torch.zeros(b, t, dtype=torch.long)
         real = torch.zeros(b, t, dtype=torch.bool)
@@ -166,54 +190,69 @@ class _Slots:
                 pos[i, t - n:] = torch.arange(self.pos[i], self.pos[i] + n)
                 real[i, t - n:] = True
             self.pos[i] += n
-        return self._run(ids, pos, real, s0, t, n_logits, want_hidden)
+        padded = any(len(c) < t for c in chunks)
+        return self._run(ids.to(self.device), pos.to(self.device), real.to(self.device) if padded else None, t,
+                         n_logits, want_hidden)
 
     def feed_tensor(self, ids: torch.Tensor, n_logits: int, want_hidden: bool):
         """Append ids [B, T] (all real tokens) and run the model (the hot path: no Python per row)."""
-        b, t = ids.shape
-        s0 = self.length
-        base = torch.tensor(self.pos, dtype=torch.long, device=self.device)
-        pos = base[:, None] + torch.arange(t, device=self.device)
-        self.pos = [p + t for p in self.pos]
-        return self._run(ids, pos, None, s0, t, n_logits, want_hidden)
-
-    def _run(self, ids, pos, real, s0, t, n_logits, want_hidden):
-        self._ensure(s0 + t)
-        if real is None:
-            self.valid[:, s0:s0 + t] = True
+        t = ids.shape[1]
+        if len(self.pos) == 1:
+            pos = torch.arange(self.pos[0], self.pos[0] + t, device=self.device)[None]
         else:
-            self.valid[:, s0:s0 + t] = real.to(self.device)
+            pos = torch.tensor(self.pos, dtype=torch.long, device=self.device)[:, None] + \
+                torch.arange(t, device=self.device)
+        self.pos = [p + t for p in self.pos]
+        return self._run(ids, pos, None, t, n_logits, want_hidden)
+
+    def _run(self, ids, pos, real, t, n_logits, want_hidden):
+        s0 = self.length
         s = s0 + t
-        mask = self.valid[:, None, :s].expand(-1, t, -1).clone()
-        new = mask[:, :, s0:]
-        new &= self._causal(t)
-        new |= torch.eye(t, dtype=torch.bool, device=self.device)
+        self._ensure(s)
+        if real is None:
+            self.valid[:, s0:s] = True
+        else:
+            self.valid[:, s0:s] = real
+            self.holes = True
+        if t == 1 and not self.holes:
+            mask = None  # one query that may see every slot: no mask needed
+        else:
+            mask = self.valid[:, None, :s].expand(-1, t, -1).clone()
+            new = mask[:, :, s0:]
+            new &= self._causal(t)
+            # a padding query attends to itself only (an all-masked row would give NaN and poison its slot)
+            new |= torch.eye(t, dtype=torch.bool, device=self.device)
+            mask = mask[:, None]
         self.length = s
-        return self.runner(ids.to(self.device), pos.to(self.device), mask[:, None], self.cache, n_logits,
-                           want_hidden)
+        return self.runner(ids, pos, mask, self.cache, n_logits, want_hidden)
 
     def keep(self, new_pos: list[int]) -> None:
         """Roll rows back: row i keeps only its first new_pos[i] valid tokens; drop slots no row uses."""
         if new_pos == self.pos:
             return
         n = self.length
-        v = self.valid[:, :n]
-        limit = torch.tensor(new_pos, dtype=torch.int32, device=self.device)[:, None]
-        v &= v.to(torch.int32).cumsum(dim=1) <= limit
+        if len(new_pos) == 1 and not self.holes:
+            new_len = new_pos[0]  # one row without holes: slot index == position
+        else:
+            v = self.valid[:, :n]
+            limit = torch.tensor(new_pos, dtype=torch.int32, device=self.device)[:, None]
+            v &= v.to(torch.int32).cumsum(dim=1) <= limit
+            used = v.any(dim=0).nonzero()
+            new_len = int(used[-1].item()) + 1 if used.numel() else 0
+            self.holes = not bool(v[:, :new_len].all())
         self.pos = list(new_pos)
-        used = v.any(dim=0).nonzero()
-        new_len = int(used[-1].item()) + 1 if used.numel() else 0
         if new_len < n:
-            self.cache.crop(new_len - n)
+            self.runner.crop(self.cache, new_len, n)
             self.valid[:, new_len:n] = False
             self.length = new_len
 
     def select(self, rows: list[int]) -> None:
         """Keep only these batch rows (finished requests leave the batch)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(idx)
+        self.runner.select(self.cache, idx)
         self.valid = self.valid.index_select(0, idx)
         self.pos = [self.pos[r] for r in rows]
+        self.holes = not bool(self.valid[:, : self.length].all())
 
 
 def _sync(device: torch.device) -> None:
@@ -249,13 +288,15 @@ class SpeculativeDecoder:
     looks in `draft_model.name_or_path` if that is a folder.
     stop_token_ids: the default stop ids for requests whose config names none (default: the
     tokenizer's eos and the target's generation_config eos).
+    lean: use the lean Llama-family forward (fastpath.py) for models that have that structure
+    (default); False always calls the Hugging Face forward.
     """
 
     def __init__(self, target_model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
                  tokenizer=None, draft_length: str | int | PolicyFactory = "auto", *,
                  device: str | torch.device | None = None, draft_tokenizer=None,
                  acceptance_head: AcceptanceHead | str | Path | None = None,
-                 stop_token_ids: Sequence[int] | None = None):
+                 stop_token_ids: Sequence[int] | None = None, lean: bool = True):
         if device is not None:
             device = torch.device(device)
             target_model.to(device)
@@ -263,12 +304,12 @@ class SpeculativeDecoder:
                 draft_model.to(device)
         check_same_tokenizer(tokenizer, draft_tokenizer)
         self.target_model, self.draft_model, self.tokenizer = target_model.eval(), draft_model, tokenizer
-        self.target = _Runner(target_model, "target")
+        self.target = _Runner(target_model, "target", lean)
         self.device = self.target.device
         self.draft = None
         if draft_model is not None:
             draft_model.eval()
-            self.draft = _Runner(draft_model, "draft")
+            self.draft = _Runner(draft_model, "draft", lean)
             if self.draft.device != self.device:
                 raise DsparkError(f"target is on {self.device} but draft is on {self.draft.device}: "
                                   "pass device= to place both")

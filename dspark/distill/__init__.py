@@ -1,5 +1,7 @@
 """Distillation: collect the target's logits into a cache (`collect`), the objectives that train a
-draft toward acceptance (`losses`), and the cache format both share (`cache`).
+draft toward acceptance (`losses`), and the cache format both share (`cache`); training a draft on a
+cache (`train`, with `checkpoint`, `evaluate`, `acceptance`, `onpolicy`, `parallel`) and the
+`dspark distill` pipeline around it (`distill`).
 
 Submodules load lazily (`dspark.distill.collect` etc.) so importing the package stays cheap.
 """
@@ -22,6 +24,9 @@ _EXPORTS = {
     "collect": "collect", "run_collect": "collect", "CollectResult": "collect", "CollectTarget": "collect",
     "ENGINES": "collect", "Engine": "collect", "load_target": "collect", "target_from_loaded": "collect",
     "target_from_model": "collect",
+    # training (dspark distill)
+    "run_distill": "distill", "CollectSettings": "distill", "EvalSettings": "distill", "TrainConfig": "train",
+    "TrainResult": "train", "train_draft": "train", "evaluate_heldout": "evaluate", "measure_decoder": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

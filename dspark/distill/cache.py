@@ -584,7 +584,8 @@ class LogitsCache:
     def read_part(self, part: PartInfo) -> PartData:
         table = read_part_table(self.path / part.file, expect_bytes=part.bytes)
         if table.num_rows != part.rows:
-            raise _bad_part(self.path / part.file, f"inconsistent ({table.num_rows} rows, the manifest says {part.rows})")
+            raise _bad_part(self.path / part.file,
+                            f"inconsistent ({table.num_rows} rows, the manifest says {part.rows})")
         return PartData.from_table(table, self.k)
 
     def rows(self, split: CacheSplit = "all", heldout_percent: float = 5.0) -> Iterator[CacheRow]:

@@ -797,5 +797,6 @@ def run_collect(target: str, out: str | os.PathLike, *, task: str | None = None,
 
 __all__ = ["CollectResult", "CollectTarget", "ENGINES", "Engine", "EngineSettings", "HFEngine", "Scored",
            "VLLMEngine", "check_target_available", "collect", "default_stop_token_ids", "encode_prompts",
-           "get_engine_class", "load_target", "make_engine", "parse_shard", "prompt_seed", "run_collect", "validate_args", "shard_prompts",
+           "get_engine_class", "load_target", "make_engine", "parse_shard", "prompt_seed", "run_collect",
+           "validate_args", "shard_prompts",
            "target_from_loaded", "target_from_model", "topk_with_tail"]

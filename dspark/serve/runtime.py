@@ -60,7 +60,7 @@ def runtime_from_bundle(bundle: str | os.PathLike, device: str = "auto", dtype: 
     ctx = int(decoder.target.max_positions)
     if ctx <= 1:
         raise DsparkError(f"target context length {ctx} is too small to serve")
-    info = {"target": manifest.target.name, "draft": manifest.draft.name, "bundle": str(bundle),
+    info = {"target": manifest.target.name, "draft": manifest.draft.name,
             "device": target.device, "dtype": target.dtype, "metrics": manifest.metrics.measured()}
     return ServeRuntime(decoder=decoder, tokenizer=target.tokenizer, model_id=manifest.name, context_length=ctx,
                         policy=manifest.policy.draft_length, info=info)

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from dspark.bundle.manifest import (BundleManifest, DecodingPolicy, DraftInfo, Metrics, SelectionSpec, TargetRef,
+from dspark.bundle.manifest import (BundleManifest, DecodingPolicy, DraftInfo, Metrics, TargetRef,
                                     check_relative_path, load_selection, resolve_selection_path)
 from dspark.errors import DsparkError
 

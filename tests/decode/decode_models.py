@@ -13,6 +13,7 @@ import copy
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +103,13 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: list[int] | No
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                          pad_token_id=(eos or [0])[0])
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP barriers
+    with a preempted thread slow every op down by an order of magnitude: run these tests on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

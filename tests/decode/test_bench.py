@@ -15,6 +15,7 @@ from dspark.decode.bench import (BenchConfig, bench_prefix, measure_forward_seco
                                  run_bench, summary_lines)
 from dspark.errors import DsparkError
 
+from .conftest import requested_device
 from .decode_models import STORIES, noised_copy
 
 runner = CliRunner()
@@ -27,7 +28,8 @@ def stories_pair():
 
     tok = AutoTokenizer.from_pretrained(str(STORIES))
     target = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
-    return target, noised_copy(target, std=0.01, seed=1), tok
+    device = requested_device()
+    return target.to(device), noised_copy(target, std=0.01, seed=1).to(device), tok
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_bench_json_tiny(tmp_path, stories_draft_dir):
     result = runner.invoke(app, ["bench", "--target", str(STORIES), "--draft", str(stories_draft_dir),
                                  "--prompts", str(prompts), "--n", "2", "--max-new-tokens", "6", "--ks", "1,2",
                                  "--batch-sizes", "1,2", "--cost-reps", "2", "--threads", "1",
-                                 "--device", "cpu", "--dtype", "float32", "--out", str(out), "--json"])
+                                 "--device", requested_device(), "--dtype", "float32", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert json.loads(out.read_text()) == report

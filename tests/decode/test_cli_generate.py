@@ -10,13 +10,15 @@ import torch
 from typer.testing import CliRunner
 
 from dspark.cli import app
+from dspark.decode.bench import hf_generate
 from dspark.decode.run import read_prompts_file, resolve_draft_name
 from dspark.errors import DataError, DsparkError
 
-from .decode_models import BUILTIN, STORIES, hf_greedy, noised_copy
+from .conftest import requested_device
+from .decode_models import BUILTIN, STORIES, noised_copy
 
 runner = CliRunner()
-BASE = ["--device", "cpu", "--dtype", "float32"]
+BASE = ["--device", requested_device(), "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def hf_reference(model_name: str, prompts: list[str], max_new_tokens: int) -> li
     from dspark.decode.engine import SpeculativeDecoder
     from dspark.models import load_model
 
-    m = load_model(model_name, device="cpu", dtype="float32")
+    m = load_model(model_name, device=requested_device(), dtype="float32")
     stops = list(SpeculativeDecoder(m.model, None, m.tokenizer).default_stop_ids)
-    return [hf_greedy(m.model, m.tokenizer(p)["input_ids"], max_new_tokens, stops) for p in prompts]
+    return [hf_generate(m.model, m.tokenizer(p)["input_ids"], max_new_tokens, stops, stops[0]) for p in prompts]
 
 
 def check_rows(rows: list[dict], prompts: list[str]) -> None:

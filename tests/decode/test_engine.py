@@ -12,6 +12,7 @@ from dspark.decode import (AcceptanceHead, DecodeStats, GenerationConfig, Specul
 from dspark.decode.engine import _Runner, _Slots
 from dspark.decode.policy import LearnedPolicy
 from dspark.errors import DsparkError, IncompatibleTokenizersError
+from tests.decode.decode_models import single_thread  # noqa: F401  (autouse fixture)
 from tests.decode.decode_models import bigram_llama, chain_table, random_llama
 
 V = 16
@@ -145,9 +146,11 @@ def test_streaming_callback_and_events(target):
     assert events[-1].result is not None and events[0].result is None
 
 
-def test_slot_cache_rollback_equals_recomputation():
+@pytest.mark.parametrize("lean", [True, False])
+def test_slot_cache_rollback_equals_recomputation(lean):
     model = random_llama(vocab=32, seed=1, hidden=32, layers=2)
-    runner = _Runner(model, "target")
+    runner = _Runner(model, "target", lean)
+    assert (runner.lean is not None) == lean
     rng = torch.Generator().manual_seed(0)
     a = torch.randint(0, 32, (9,), generator=rng).tolist()
     b = torch.randint(0, 32, (5,), generator=rng).tolist()
@@ -341,3 +344,31 @@ def test_batch_size_splits_and_keeps_order(target):
     prompts = [[i] for i in range(5)]
     res = dec.generate(prompts, GenerationConfig(max_new_tokens=3), batch_size=2)
     assert [r.token_ids for r in res] == [[(i + 1) % V, (i + 2) % V, (i + 3) % V] for i in range(5)]
+
+
+def test_lean_forward_matches_hf_forward():
+    from dspark.decode.fastpath import LeanLlama, supports
+
+    model = random_llama(vocab=32, seed=2, hidden=32, layers=3)
+    assert supports(model)
+    lean = LeanLlama(model)
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = lean.new_cache(2)
+        causal = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
+        logits, hidden = lean(ids[:, :5], torch.arange(5)[None].expand(2, 5), causal[:, :, :5, :5], cache, 5, True)
+        step, _ = lean(ids[:, 5:6], torch.full((2, 1), 5), None, cache, 1, False)
+        ref = model(ids[:, :6], output_hidden_states=True)
+    assert torch.allclose(logits, ref.logits[:, :5], atol=1e-5)
+    assert torch.allclose(step[:, 0], ref.logits[:, 5], atol=1e-5)
+    assert torch.allclose(hidden, ref.hidden_states[-1][:, 4], atol=1e-5)
+
+
+def test_hf_path_decodes_like_the_lean_path(target):
+    draft = bigram_llama(chain_table(V, 1))
+    cfg = GenerationConfig(max_new_tokens=10)
+    for lean in (True, False):
+        dec = SpeculativeDecoder(target, draft, None, draft_length=3, lean=lean)
+        assert (dec.target.lean is not None) == lean
+        res = dec.generate([[0], [4, 5, 6]], cfg)
+        assert [r.token_ids for r in res] == [list(range(1, 11)), [(6 + i) % V for i in range(1, 11)]]

@@ -19,6 +19,7 @@ import dspark.decode.engine as engine_mod
 from dspark.decode import GenerationConfig, SpeculativeDecoder
 from dspark.decode.sampling import warp_logits
 from dspark.decode.verify import VerifyResult
+from tests.decode.decode_models import single_thread  # noqa: F401  (autouse fixture)
 from tests.decode.decode_models import noised_copy, random_llama
 
 VOCAB = 8

@@ -131,7 +131,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(client, server)
     assert code == 400 and body["param"] == "temperature"
     code, body = _status(lambda: client.completions.create(model=MODEL, prompt="x = 1\n" * 600, max_tokens=4))
     assert code == 400 and body["code"] == "context_length_exceeded"
-    code, body = _status(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=1020))
+    code, body = _status(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=1023))  # 2 prompt tokens + 1023 > 1024
     assert code == 400 and body["param"] == "max_tokens"
     code, body = _status(lambda: client.completions.create(model=MODEL, prompt="x", n=2))
     assert code == 400 and body["param"] == "n"

@@ -1,0 +1,187 @@
+"""The scheduler (batch keys, batching, stop strings, cancellation, decoder failures) and the
+Prometheus rendering; the last test batches real requests through the real decoder."""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
+from dspark.serve.metrics import Counter, Histogram, ServerMetrics
+from dspark.serve.scheduler import Job, Scheduler, batch_key, take_batch
+from tests.serve.test_text import ByteTokenizer
+
+
+@dataclass
+class Event:
+    row: int
+    token_ids: list
+    result: DecodeResult | None = None
+
+
+class ScriptedDecoder:
+    """Emits each prompt's scripted blocks (one block per verify step), recording the batches."""
+
+    def __init__(self, blocks: dict[int, list[list[int]]], fail_after: int | None = None):
+        self.blocks, self.fail_after = blocks, fail_after
+        self.batches: list[list[list[int]]] = []
+        self.closed = 0
+
+    def stream(self, prompts, configs, constraints):
+        self.batches.append([list(p) for p in prompts])
+
+        def events():
+            try:
+                scripts = [list(self.blocks[p[0]]) for p in prompts]
+                done = [False] * len(prompts)
+                n = 0
+                while not all(done):
+                    for r, script in enumerate(scripts):
+                        if done[r]:
+                            continue
+                        if self.fail_after is not None and n >= self.fail_after:
+                            raise RuntimeError("device lost")
+                        n += 1
+                        block = script.pop(0)
+                        if script:
+                            yield Event(r, block)
+                        else:
+                            done[r] = True
+                            toks = [t for b in self.blocks[prompts[r][0]] for b_ in [b] for t in b_]
+                            steps = len(self.blocks[prompts[r][0]])
+                            st = DecodeStats(verify_steps=steps, drafted=3 * steps, accepted=len(toks) - steps,
+                                             recovered=steps, generated=len(toks), prompt_tokens=len(prompts[r]))
+                            yield Event(r, block, DecodeResult(toks, "length", st))
+            finally:
+                self.closed += 1
+
+        return events()
+
+
+def _job(prompt, sink, temperature=0.0, seed=None, stop=()):
+    cfg = GenerationConfig(max_new_tokens=64, temperature=temperature, seed=seed)
+    return Job(prompt_ids=prompt, config=cfg, emit=lambda item: sink.put((prompt[0], item)), stop=tuple(stop))
+
+
+def _drain(sink: queue.Queue) -> dict[int, list]:
+    out = collections.defaultdict(list)
+    while not sink.empty():
+        k, item = sink.get()
+        out[k].append(item)
+    return out
+
+
+def test_batch_keys_group_compatible_sampling_only():
+    sink = queue.Queue()
+    g1, g2 = _job([1], sink), _job([2], sink)
+    s1, s2 = _job([3], sink, temperature=0.7), _job([4], sink, temperature=0.7)
+    seeded1, seeded2 = _job([5], sink, temperature=0.7, seed=1), _job([6], sink, temperature=0.7, seed=1)
+    assert batch_key(g1) == batch_key(g2) and batch_key(s1) == batch_key(s2)
+    assert batch_key(seeded1) != batch_key(seeded2)  # a seeded request is decoded alone
+    pending = collections.deque([s1, g1, seeded1, g2, s2, seeded2])
+    assert take_batch(pending, 8) == [s1, s2]
+    assert take_batch(pending, 1) == [g1]
+    assert list(pending) == [seeded1, g2, seeded2]
+    assert take_batch(pending, 8) == [seeded1]
+
+
+def _scheduler(decoder, **kw):
+    metrics = ServerMetrics("auto")
+    return Scheduler(decoder, ByteTokenizer(), policy="auto", metrics=metrics, **kw), metrics
+
+
+def test_jobs_queued_together_are_decoded_together_and_finish_with_stats():
+    dec = ScriptedDecoder({1: [[1], [2]], 3: [[3, 4]]})
+    sched, metrics = _scheduler(dec, max_batch_size=8, batch_window_s=0.0)
+    sink = queue.Queue()
+    jobs = [_job([1, 0], sink), _job([3, 0], sink)]
+    sched.submit(jobs)  # queued before the thread starts: one batch, deterministically
+    sched.start()
+    try:
+        for _ in range(200):
+            if metrics.requests.total() == 2:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        sched.stop()
+    assert dec.batches == [[[1, 0], [3, 0]]] and sched.batches == 1
+    out = _drain(sink)
+    done1 = out[1][-1][1]
+    assert [i[1] for i in out[1][:-1]] == ["he", "llo"] and done1.text == "hello"
+    assert (done1.finish_reason, done1.prompt_tokens, done1.completion_tokens) == ("length", 2, 2)
+    assert done1.speculative["drafted"] == 6 and done1.speculative["partial"] is False
+    assert out[3][-1][1].text == " world"
+    assert metrics.generation_tokens.total() == 4 and metrics.batch_size.count == 1
+
+
+def test_stop_string_answers_early_with_partial_stats_and_ends_the_batch():
+    dec = ScriptedDecoder({1: [[1, 2], [3], [4], [4], [4]]})
+    sched, metrics = _scheduler(dec)
+    sink = queue.Queue()
+    sched.run_batch([_job([1], sink, stop=["o w"])])
+    items = _drain(sink)[1]
+    done = items[-1][1]
+    assert "".join(i[1] for i in items if i[0] == "text") == done.text == "hell"
+    assert done.finish_reason == "stop" and done.completion_tokens == 3
+    spec = done.speculative
+    # two verify steps seen: blocks [1, 2] (one accepted draft + one recovered) and [3]
+    assert (spec["verify_steps"], spec["accepted"], spec["drafted"], spec["partial"]) == (2, 1, None, True)
+    assert spec["mean_accepted_tokens"] == pytest.approx(1.5)
+    assert dec.closed == 1  # the decoder's generator was closed: nobody needed the rest
+    assert metrics.drafted.total() == 0 and metrics.verify_steps.total() == 2
+
+
+def test_cancelled_job_gets_nothing_and_decoder_failure_fails_the_rest():
+    dec = ScriptedDecoder({1: [[1], [2], [3]], 3: [[3], [4], [4]]}, fail_after=2)
+    sched, _ = _scheduler(dec)
+    sink = queue.Queue()
+    a, b = _job([1], sink), _job([3], sink)
+    b.cancel()
+    sched.run_batch([a, b])
+    out = _drain(sink)
+    assert 3 not in out  # cancelled before its batch: never decoded, never told
+    assert dec.batches == [[[1]]]
+    assert out[1][-1][0] == "error" and out[1][-1][1] == 500 and "device lost" in out[1][-1][3]
+
+
+def test_metrics_text_format():
+    c = Counter("x_total", "help text", ("route",))
+    c.inc(route='/a"b')
+    c.inc(2, route="/c")
+    assert list(c.render()) == ["# HELP x_total help text", "# TYPE x_total counter",
+                                'x_total{route="/a\\"b"} 1', 'x_total{route="/c"} 2']
+    h = Histogram("lat_seconds", "h", (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    lines = list(h.render())
+    assert 'lat_seconds_bucket{le="0.1"} 2' in lines and 'lat_seconds_bucket{le="1"} 3' in lines
+    assert 'lat_seconds_bucket{le="+Inf"} 4' in lines and "lat_seconds_count 4" in lines
+    m = ServerMetrics("static:4")
+    m.drafted.inc(10)
+    m.accepted.inc(7)
+    m.verify_steps.inc(4)
+    m.emitted.inc(11)
+    text = m.render()
+    assert "dspark_acceptance_rate 0.7\n" in text and "dspark_mean_accepted_tokens 2.75\n" in text
+    assert "dspark_draft_length 2.5\n" in text and 'dspark_draft_length_policy_info{policy="static:4"} 1' in text
+    with pytest.raises(ValueError):
+        c.inc(-1, route="/a")
+
+
+def test_real_decoder_batch_equals_one_by_one(runtime):
+    """Four greedy requests decoded as one batch give exactly what each gives alone."""
+    prompts = ["def add(a, b):", "import sys\n", "class A:\n    def", "x = 1\ny ="]
+    ids = [runtime.tokenizer(p)["input_ids"] for p in prompts]
+    alone = [runtime.decoder.generate([i], GenerationConfig(max_new_tokens=12))[0].token_ids for i in ids]
+    sched = Scheduler(runtime.decoder, runtime.tokenizer, policy=runtime.policy, metrics=ServerMetrics("auto"))
+    sink = queue.Queue()
+    jobs = [Job(prompt_ids=i, config=GenerationConfig(max_new_tokens=12),
+                emit=lambda item, k=k: sink.put((k, item))) for k, i in enumerate(ids)]
+    sched.run_batch(jobs)
+    out = _drain(sink)
+    assert [out[k][-1][1].token_ids for k in range(4)] == alone
+    assert sched.batches == 1
