@@ -19,7 +19,7 @@ $(PY):
 # A stamp per extra set, redone when pyproject.toml changes.
 $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PIP) $(TORCH)
-	$(PIP) $(TORCH) -e ".[grammar,serve]"
+	$(PIP) $(TORCH) -e ".[grammar,serve,cpu-quant]"
 	@mkdir -p $(VENV) && touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml | $(PY)
@@ -31,7 +31,7 @@ install: $(VENV)/.stamp-base
 install-dev: $(VENV)/.stamp-dev
 
 demo: install
-	$(PY) -m dspark demo
+	$(PY) -m dspark quickstart
 
 test: install-dev
 	$(PY) -m pytest

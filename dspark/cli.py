@@ -581,5 +581,7 @@ def quickstart_cmd(
         out_console.print(line, highlight=False, soft_wrap=True)
 
 
+
+
 def main() -> None:  # pragma: no cover
     app()

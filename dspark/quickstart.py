@@ -147,6 +147,16 @@ def mark_done(out: Path, stage: str, key: str) -> None:
     atomic_write_json(_state_path(out, stage), {"inputs": key})
 
 
+def check_budget(out: Path, budget: Budget) -> None:
+    """A folder holds one budget's run: the stages refuse to resume with other settings, so say
+    so before any work, in one line."""
+    p = _state_path(out, "budget")
+    if p.is_file() and not reusable(out, "budget", fingerprint(asdict(budget))):
+        other = "without --fast" if budget is FAST else "with --fast (or other budgets)"
+        raise DsparkError(f"--out {str(out)!r} holds a quickstart run made {other}: pass another --out, or delete "
+                          "the folder to start over")
+
+
 def base_candidate_files(out: Path) -> list[Path]:
     """Candidate files for the undistilled built-in drafts, named `<draft>-base` so they do not
     clash with the distilled candidates (which distill names after the draft)."""
@@ -197,7 +207,9 @@ def run_quickstart(out: str | Path = "dspark-quickstart", *, fast: bool = False,
     t0 = time.perf_counter()
     with stage_errors("setup"):
         _check_models()
+        check_budget(out, budget)
         out.mkdir(parents=True, exist_ok=True)
+        mark_done(out, "budget", fingerprint(asdict(budget)))
     res = QuickstartResult(out=out)
 
     def begin(i: int, name: str, what: str) -> float:

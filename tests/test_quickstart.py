@@ -117,3 +117,15 @@ def test_reuse_needs_the_same_inputs_and_the_outputs(tmp_path):
     assert not reusable(tmp_path, "select", fingerprint({"candidates": ["a.yaml"], "n": 10}), made)
     made.unlink()
     assert not reusable(tmp_path, "select", key, made)
+
+
+def test_a_folder_of_another_budget_is_refused_before_any_work(monkeypatch, tmp_path):
+    import dspark.quickstart as qs
+
+    monkeypatch.setattr(qs, "_check_models", lambda: None)
+    out = tmp_path / "q"
+    qs.mark_done(out, "budget", qs.fingerprint({"made": "with other budgets"}))
+    result = CliRunner().invoke(app, ["quickstart", "--fast", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "quickstart stage 'setup' failed" in result.output and "pass another --out" in result.output
+    assert not (out / "cache").exists()

@@ -17,15 +17,22 @@ One step for a batch of B active requests (row i has committed tokens s_i = prom
    never changes a greedy output.
 4. Commit, truncating at a stop token; roll both caches back; finished rows leave the batch.
 
-KV caches: one transformers `DynamicCache` per model, holding every row. Rows accept different
-numbers of tokens, so the cache is a sequence of *slots* shared by all rows, and each row marks
-which slots hold its tokens (`_Slots.valid`). Rejected drafts of a row become masked holes; the slots
-at the end that no row uses any more are cropped (`crop(-n)`). Prompts of different lengths are
-left padded the same way (holes at the start). Each row carries its own position ids (its count of
-valid tokens), and every forward gets an explicit 4-D attention mask [B, 1, T, S]: key slot valid
-for the row AND causal in slot order. Holes cost a little attention width, never a recomputation:
-the prefix is never fed twice. At B = 1 there are no holes at all. A padding query attends to itself
-only (an all-masked softmax row would give NaN and poison its slot).
+Forwards: Llama-family models (llama, mistral, qwen2) run through `fastpath.LeanLlama` (fused
+projections, preallocated KV buffers, precomputed rotary tables: the same function as the HF forward
+with far less per-call overhead, which dominates small models); other models through their HF
+forward with the base model and lm_head called separately (logits only where needed).
+
+KV caches: one cache per model (the lean KVBuffer, or a transformers `DynamicCache`), holding every
+row. Rows accept different numbers of tokens, so the cache is a sequence of *slots* shared by all
+rows, and each row marks which slots hold its tokens (`_Slots.valid`). Rejected drafts of a row
+become masked holes; the slots at the end that no row uses any more are cropped (`crop(-n)`).
+Prompts of different lengths are left padded the same way (holes at the start). Each row carries its
+own position ids (its count of valid tokens), and every forward gets an explicit 4-D attention mask
+[B, 1, T, S]: key slot valid for the row AND causal in slot order. Holes cost a little attention
+width, never a recomputation: the prefix is never fed twice. At B = 1 there are no holes at all. A
+padding query attends to itself only (an all-masked softmax row would give NaN and poison its slot).
+(The alternative, cropping every row to the batch's smallest accepted length and re-feeding the
+others' surplus tokens, recomputes tokens every step and still needs padding masks.)
 
 Invariants per row: the target has cached every committed token but the last one (the "pending"
 token fed at the start of the next verify); the draft has cached a prefix of the committed tokens
@@ -39,8 +46,8 @@ Stats (per request, `DecodeStats`): drafted / accepted count only the positions 
 if a stop token is accepted mid-block, the drafts after it are neither drafted nor accepted, so
 accepted + recovered + bonus == generated always. Forward counts and times are those of the batch
 forwards the request took part in (shared by its rows); total_time_s is the request's wall time from
-the start of its batch to its last token. Forward times are measured with torch.cuda.synchronize
-on CUDA.
+the start of its batch to its last token (batch throughput = sum of generated / the generate call's
+wall time). Forward times are measured with torch.cuda.synchronize on CUDA.
 """
 
 from __future__ import annotations
@@ -178,21 +185,22 @@ class _Slots:
     def feed(self, chunks: list[list[int]], n_logits: int, want_hidden: bool):
         """Append one chunk of tokens per row (right-aligned, shorter rows padded with holes) and run
         the model. Returns the runner's (logits [B, n_logits, V], hidden [B, H])."""
-        b = len(chunks)
         t = max(len(c) for c in chunks)
-        ids = torch.zeros(b, t, dtype=torch.long)
-        pos = torch.zeros(b, t, dtype=torch.long)
-        real = torch.zeros(b, t, dtype=torch.bool)
+        ids, pos, real = [], [], []
+        padded = False
         for i, c in enumerate(chunks):
-            n = len(c)
-            if n:
-                ids[i, t - n:] = torch.tensor(c, dtype=torch.long)
-                pos[i, t - n:] = torch.arange(self.pos[i], self.pos[i] + n)
-                real[i, t - n:] = True
-            self.pos[i] += n
-        padded = any(len(c) < t for c in chunks)
-        return self._run(ids.to(self.device), pos.to(self.device), real.to(self.device) if padded else None, t,
-                         n_logits, want_hidden)
+            n, p0 = len(c), self.pos[i]
+            pad = t - n
+            padded = padded or pad > 0
+            ids.append([0] * pad + list(c))
+            pos.append([0] * pad + list(range(p0, p0 + n)))
+            real.append([False] * pad + [True] * n)
+            self.pos[i] = p0 + n
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        real_t = torch.tensor(real, dtype=torch.bool, device=dev) if padded else None
+        return self._run(ids_t, pos_t, real_t, t, n_logits, want_hidden)
 
     def feed_tensor(self, ids: torch.Tensor, n_logits: int, want_hidden: bool):
         """Append ids [B, T] (all real tokens) and run the model (the hot path: no Python per row)."""
@@ -289,7 +297,16 @@ class SpeculativeDecoder:
     stop_token_ids: the default stop ids for requests whose config names none (default: the
     tokenizer's eos and the target's generation_config eos).
     lean: use the lean Llama-family forward (fastpath.py) for models that have that structure
-    (default); False always calls the Hugging Face forward.
+    (default); False always calls the Hugging Face forward. The lean path snapshots the weights
+    (fused, transposed copies on CPU): build a new decoder after changing a model's weights.
+
+    Side effects: both models are put in eval mode (and moved to `device` if given).
+
+    Public attributes (read-only; the CLI, server and selection read them):
+    vocab: ids [0, vocab) can be emitted (common_vocab_size of both models and the tokenizer);
+    embed_limit: prompt ids must be below it (the smaller embedding size); device;
+    default_stop_ids; context_length: the target's maximum positions; policy_factory / policy_context;
+    acceptance_head (None if absent); target / draft: the per-model runners (`.max_positions`, `.lean`).
     """
 
     def __init__(self, target_model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
@@ -323,6 +340,11 @@ class SpeculativeDecoder:
         self.policy_factory.check(self.policy_context)
         self.default_stop_ids = (tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None
                                  else _default_stop_ids(tokenizer, target_model))
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + generated tokens never exceed this (the target's max_position_embeddings)."""
+        return int(self.target.max_positions)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -456,10 +478,17 @@ class SpeculativeDecoder:
         return out, time.perf_counter() - t0
 
     def _decode_batch(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
-        with torch.inference_mode():
-            yield from self._loop(prompts, configs, constraints, policies, row_ids)
+        # inference mode only while a step runs: a `with` held across `yield` would leak the mode into
+        # the caller's code between events
+        steps = self._loop(prompts, configs, constraints, policies, row_ids)
+        while True:
+            with torch.inference_mode():
+                events = next(steps, None)
+            if events is None:
+                return
+            yield from events
 
-    def _loop(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
+    def _loop(self, prompts, configs, constraints, policies, row_ids) -> Iterator[list[TokenEvent]]:
         t_start = time.perf_counter()
         dev, V = self.device, self.vocab
         b = len(prompts)
@@ -478,13 +507,6 @@ class SpeculativeDecoder:
         tgt = _Slots(self.target, b)
         dft = _Slots(draft, b) if draft else None
         draft_ok = [bool(draft) and len(p) - 1 <= ctx_d for p in prompts]
-
-        # stop-token table [B, V] for the vectorised "drafted a stop token" test
-        stop_table = torch.zeros(b, V, dtype=torch.bool, device=dev)
-        for i, s in enumerate(stop_sets):
-            ids = [t for t in s if t < V]
-            if ids:
-                stop_table[i, ids] = True
 
         # prefill everything but the last prompt token (it is fed, as the pending token, by the first step)
         if any(len(p) > 1 for p in prompts):
@@ -523,33 +545,29 @@ class SpeculativeDecoder:
             seq_len_before = [len(seqs[r]) for r in rows]
 
             if K > 0:
-                drafts = torch.zeros(nb, K, dtype=torch.long, device=dev)
-                if not greedy:
-                    qs = torch.zeros(nb, K, V, dtype=torch.float32, device=dev)
-                kcap = torch.tensor(caps, device=dev)
-                min_conf = torch.tensor([p.min_confidence for p in plans], device=dev)
-                min_acc = torch.tensor([p.min_acceptance for p in plans], device=dev)
-                use_conf = bool((min_conf > 0).any())
-                use_head = self.acceptance_head is not None and bool((min_acc > 0).any())
-                cum = torch.ones(nb, device=dev)
-                drafting = kcap > 0
-                nd_t = torch.zeros(nb, dtype=torch.long, device=dev)
-                rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+                # per-row control in Python: one small host read per draft step, no tensor bookkeeping
+                drafting = [k > 0 for k in caps]
+                min_conf = [p.min_confidence for p in plans]
+                min_acc = [p.min_acceptance for p in plans]
+                use_conf = any(c > 0 for c in min_conf)
+                use_head = self.acceptance_head is not None and any(a > 0 for a in min_acc)
+                cum = [1.0] * nb
+                cols: list[torch.Tensor] = []
+                qcols: list[torch.Tensor] = []
                 chunks = [seqs[r][dft.pos[bi]:] if draft_ok[r] else [] for bi, r in enumerate(rows)]
-                j = 0
+                tok = None
                 for j in range(K):
                     if j == 0:
                         (logits, hidden), dt = self._timed(dft.feed, chunks, 1, use_head)
                     else:
-                        (logits, hidden), dt = self._timed(dft.feed_tensor, drafts[:, j - 1:j], 1, use_head)
+                        (logits, hidden), dt = self._timed(dft.feed_tensor, tok[:, None], 1, use_head)
                     draft_forwards += 1
                     draft_s += dt
-                    logits = logits[:, -1, :V].float()
+                    logits = _fit(logits[:, -1], V)
                     if has_cons:
-                        dr = drafting.tolist()
                         allow = torch.ones(nb, V, dtype=torch.bool, device=dev)
                         for bi, c in enumerate(cons):
-                            if c is None or not dr[bi]:
+                            if c is None or not drafting[bi]:
                                 continue
                             m = _next_mask(c, V, dev)
                             if m is None:
@@ -559,6 +577,7 @@ class SpeculativeDecoder:
                             cmasks[bi].append(m)
                             allow[bi] = m
                         logits = logits.masked_fill(~allow, float("-inf"))
+                    conf = None
                     if greedy:
                         tok = logits.argmax(dim=-1)
                         if use_conf:
@@ -566,31 +585,34 @@ class SpeculativeDecoder:
                     else:
                         q = warp_logits(logits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
                         tok = torch.multinomial(q, 1, generator=gen).squeeze(1)
-                        qs[:, j] = q
+                        qcols.append(q)
                         if use_conf:
                             conf = q.gather(1, tok[:, None]).squeeze(1)
-                    drafts[:, j] = tok
-                    nd_t += drafting
-                    if has_cons:
-                        dr = drafting.tolist()
-                        tl = tok.tolist()
-                        for bi, c in enumerate(cons):
-                            if c is not None and dr[bi]:
-                                c.advance(tl[bi])
-                    cont = drafting & (j + 1 < kcap) & ~stop_table[rows_t, tok]
-                    if use_conf:
-                        cont &= conf >= min_conf
-                    if use_head:
-                        cum = cum * self.acceptance_head(hidden.float())
-                        cont &= cum >= min_acc
-                    drafting = cont
-                    if not bool(drafting.any()):
+                    cols.append(tok)
+                    tl = tok.tolist()
+                    cl = conf.tolist() if conf is not None else None
+                    hl = self.acceptance_head(hidden.float()).tolist() if use_head else None
+                    for bi, r in enumerate(rows):
+                        if not drafting[bi]:
+                            continue
+                        nd[bi] += 1
+                        c = cons[bi]
+                        if c is not None:
+                            c.advance(tl[bi])
+                        go = j + 1 < caps[bi] and tl[bi] not in stop_sets[r]
+                        if cl is not None and cl[bi] < min_conf[bi]:
+                            go = False
+                        if hl is not None:
+                            cum[bi] *= hl[bi]
+                            if cum[bi] < min_acc[bi]:
+                                go = False
+                        drafting[bi] = go
+                    if not any(drafting):
                         break
-                K = j + 1
-                drafts = drafts[:, :K]
-                nd = nd_t.tolist()
-                if qs is not None:
-                    qs = qs[:, :K]
+                K = len(cols)
+                drafts = torch.stack(cols, dim=1)
+                if qcols:
+                    qs = torch.stack(qcols, dim=1)
 
             # the mask for the position after each row's last draft (the recovered / bonus position)
             if has_cons:
@@ -607,7 +629,7 @@ class SpeculativeDecoder:
             pending = torch.tensor([seqs[r][-1] for r in rows], dtype=torch.long, device=dev)[:, None]
             (tlogits, _), verify_s = self._timed(tgt.feed_tensor, torch.cat([pending, drafts], dim=1), K + 1,
                                                  False)
-            tlogits = tlogits[..., :V].float()
+            tlogits = _fit(tlogits, V)
             if has_cons:
                 tmask = torch.ones(nb, K + 1, V, dtype=torch.bool, device=dev)
                 for bi, ms in enumerate(cmasks):
@@ -668,7 +690,8 @@ class SpeculativeDecoder:
                     if reason is None and (c.is_finished() or (dead[bi] and n == k)):
                         reason = "stop"
                 policies[r].observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
-                                                 draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s))
+                                                 draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s,
+                                                 verify_width=K + 1))
                 seqs[r].extend(block)
                 gen_counts[r] += len(block)
                 st.generated = gen_counts[r]
@@ -702,7 +725,14 @@ class SpeculativeDecoder:
                     tgt.select(survivors)
                     if dft is not None:
                         dft.select(survivors)
-            yield from events
+            yield events
+
+
+def _fit(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[..., V_model] -> float32 [..., vocab] (no copy when already so)."""
+    if logits.shape[-1] != vocab:
+        logits = logits[..., :vocab]
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def _next_mask(c: TokenConstraint, vocab: int, device) -> torch.Tensor | None:

@@ -33,7 +33,15 @@ def supports(model) -> bool:
         return False
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or head is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+    if base is None or head is None:
+        return False
+    # Fusing projections reads `.weight` as a dense matrix: a quantized layer (quanto, bitsandbytes,
+    # torchao tensor subclasses) would crash or be silently dequantized into a full-precision copy.
+    from dspark.quantize.loading import has_quantized_linears
+
+    if has_quantized_linears(model):
+        return False
+    if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return False
     for layer in base.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -113,6 +121,9 @@ class KVBuffer:
         return self.length
 
 
+STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
 class LeanLlama:
     """The lean forward of one Llama-family causal LM (see the module docstring)."""
 
@@ -141,6 +152,37 @@ class LeanLlama:
         self.kv_size = self.n_kv * self.head_dim
         self.inter = base.layers[0].mlp.gate_proj.out_features
         self.scaling = getattr(base.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        # float32 RMSNorm as one fused op (bit-identical to HF's module in float32); other dtypes keep
+        # HF's module, which normalises in float32 and casts back
+        self.fused_norm = self.dtype == torch.float32 and all(
+            hasattr(m, "variance_epsilon") and type(m).__name__.endswith("RMSNorm") for m in self._norms())
+        # cos/sin of every position, computed once by the model's own rotary module (static rope types
+        # only: dynamic scaling depends on the sequence length)
+        self.rope_table = getattr(self.rotary, "rope_type", "default") in STATIC_ROPE_TYPES
+        self._cos = self._sin = None
+
+    def _norms(self):
+        yield self.norm
+        for layer in self.layers:
+            yield layer[0]
+            yield layer[3]
+
+    def _rms(self, module, x):
+        if self.fused_norm:
+            return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+        return module(x)
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor):
+        """cos, sin: [B, T, 1, head_dim] for the positions `pos` [B, T]."""
+        if not self.rope_table:
+            cos, sin = self.rotary(x, pos)
+            return cos.unsqueeze(2), sin.unsqueeze(2)
+        need = int(pos.max()) + 1
+        if self._cos is None or self._cos.shape[0] < need:
+            n = max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            cos, sin = self.rotary(x, torch.arange(n, device=x.device)[None])
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[pos].unsqueeze(2), self._sin[pos].unsqueeze(2)
 
     def new_cache(self, batch: int) -> KVBuffer:
         return KVBuffer(len(self.layers), batch, self.n_kv, self.head_dim, self.dtype, self.device)
@@ -154,29 +196,26 @@ class LeanLlama:
         s = n0 + t
         cache.reserve(s)
         x = self.embed(ids)
-        cos, sin = self.rotary(x, pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self._rope(x, pos)
         half = self.head_dim // 2
+        nqk = self.n_heads + self.n_kv
         for i, (ln1, qkv_proj, o_proj, ln2, gu_proj, down, act) in enumerate(self.layers):
-            h = ln1(x)
-            qkv = qkv_proj(h)
-            q = qkv[..., : self.q_size].view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., self.q_size: self.q_size + self.kv_size].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = qkv[..., self.q_size + self.kv_size:].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            qkv = qkv_proj(self._rms(ln1, x)).view(b, t, nqk + self.n_kv, self.head_dim)
+            qk = qkv[:, :, :nqk]
+            # rotary on q and k together: x * cos + rotate_half(x) * sin
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            q = qk[:, :, : self.n_heads].transpose(1, 2)
             kb, vb = cache.k[i], cache.v[i]
-            kb[:, :, n0:s] = k
-            vb[:, :, n0:s] = v
+            kb[:, :, n0:s] = qk[:, :, self.n_heads:].transpose(1, 2)
+            vb[:, :, n0:s] = qkv[:, :, nqk:].transpose(1, 2)
             a = F.scaled_dot_product_attention(q, kb[:, :, :s], vb[:, :, :s], attn_mask=mask, scale=self.scaling,
                                                enable_gqa=self.n_kv != self.n_heads)
             x = x + o_proj(a.transpose(1, 2).reshape(b, t, self.q_size))
-            h = ln2(x)
-            gu = gu_proj(h)
+            gu = gu_proj(self._rms(ln2, x))
             x = x + down(act(gu[..., : self.inter]) * gu[..., self.inter:])
         cache.length = s
         if not n_logits and not want_hidden:
             return None, None
-        x = self.norm(x[:, -max(n_logits, 1):])
+        x = self._rms(self.norm, x[:, -max(n_logits, 1):])
         logits = self.head(x[:, -n_logits:]) if n_logits else None
         return logits, (x[:, -1] if want_hidden else None)

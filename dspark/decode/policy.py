@@ -2,7 +2,7 @@
 signals (never a model), one policy object per request, so rows of a batch adapt independently.
 
 Per step the decoder asks `plan()` for a DraftPlan: at most `max_tokens` drafts, and early-exit
-thresholds the decoder applies after each drafted token (vectorised over the batch):
+thresholds the decoder applies to the request's row after each drafted token:
 - `min_confidence`: stop after a drafted token whose draft confidence is below it. Confidence is the
   draft's probability of the token it proposed (greedy: its max softmax probability at temperature 1;
   sampling: the probability of the sampled token under the draft's warped distribution).
@@ -15,15 +15,19 @@ Forms accepted by `parse_draft_length` (also the CLI's `--draft-length`):
 - `K` or `static:K`: always K drafts (K >= 1).
 - `confidence:T[:KMAX]`: draft up to KMAX (default 16) and stop when confidence < T (0 < T < 1).
 - `goodput[:KMAX]`: per step choose K in 1..KMAX (default 12) maximising Leviathan's
-  expected tokens per unit time E(a, K) / (K * c_draft + c_verify), with E(a, K) = (1 - a^(K+1)) / (1 - a),
-  a = this request's running acceptance estimate (accepted / (accepted + rejections), starting
-  from a prior of 0.6 worth 4 trials), c_draft / c_verify = measured seconds per draft forward
-  and per verify forward (running means). Before the first measurement it drafts 4.
+  expected tokens per unit time E(K) / (K * c_draft + c_verify(K + 1)), E(K) = (1 - a^(K+1)) / (1 - a)
+  for a constant acceptance a, refined per draft position from this request's own counts (see
+  GoodputPolicy), c_draft = measured seconds per draft forward, c_verify(n) = measured seconds of
+  a verify forward over n tokens (a line fitted to the widths seen). Before the first measurement
+  it drafts 4.
 - `learned[:T]`: needs the draft's acceptance head (`acceptance_head.safetensors`); the goodput rule
   gives the cap and drafting stops once the predicted cumulative acceptance < T (default 0.5).
 - `auto` (the default): `learned` when the draft carries an acceptance head, otherwise `goodput`
-  with a confidence early exit at `AUTO_CONFIDENCE`. Without a draft model every form means
-  target-only decoding.
+  with a confidence early exit at `AUTO_CONFIDENCE` (the cost model picks the cap; the exit trims
+  steps where the draft itself is unsure). Without a draft model every form means target-only
+  decoding.
+Programmatic plug-ins: `parse_draft_length` (and the decoder's `draft_length`) also take any callable
+PolicyContext -> DraftLengthPolicy.
 """
 
 from __future__ import annotations
@@ -59,13 +63,15 @@ class StepFeedback:
 
     drafted: drafts of this request that were verified; accepted: how many of them were accepted;
     draft_forwards / draft_s: draft forwards run in the step and their total seconds;
-    verify_s: seconds of the step's target forward. Times are shared by a batch's rows."""
+    verify_s: seconds of the step's target forward, over verify_width tokens per row (the batch's
+    K + 1). Times are shared by a batch's rows."""
 
     drafted: int
     accepted: int
     draft_forwards: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    verify_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,17 @@ class ConfidencePolicy:
 
 @dataclass
 class GoodputPolicy:
-    """Choose K per step from this request's acceptance estimate and the measured forward costs."""
+    """Choose K per step to maximise expected tokens per second for THIS request.
+
+    Model (Leviathan et al., refined with what the request has measured):
+    - acceptance: per draft position j, the conditional acceptance a_j = P(accept j | accepted < j),
+      estimated from this request's own counts and shrunk towards the request's pooled per-token
+      rate (itself shrunk towards `prior_acceptance`); E(K) = 1 + sum_{k<=K} prod_{j<k} a_j. With
+      a constant a this is (1 - a^(K+1)) / (1 - a).
+    - cost: K * c_draft + c_verify(K + 1), c_draft the running mean seconds per draft forward and
+      c_verify(n) a line fitted to the running mean verify seconds at each width n seen so far
+      (before two widths are seen, the slope is `verify_slope_prior` x the cost of one width).
+    """
 
     k_max: int = DEFAULT_GOODPUT_KMAX
     min_confidence: float = 0.0
@@ -153,40 +169,89 @@ class GoodputPolicy:
     prior_weight: float = 4.0
     initial_k: int = 4
     cost_momentum: float = 0.8
+    verify_slope_prior: float = 0.1
     name: str = "goodput"
     accepted: int = field(default=0, init=False)
     rejections: int = field(default=0, init=False)
     draft_cost: float | None = field(default=None, init=False)
-    verify_cost: float | None = field(default=None, init=False)
+    verify_costs: dict = field(default_factory=dict, init=False)  # width (K + 1) -> running mean seconds
+    position_trials: list = field(default_factory=list, init=False)
+    position_accepts: list = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         _check_kmax(self.k_max)
 
     @property
     def acceptance(self) -> float:
-        """Running estimate of per-token acceptance: each verified draft up to and including the first
-        rejection is a Bernoulli trial (the rest were never judged)."""
+        """Pooled per-token acceptance: each verified draft up to and including the first rejection is
+        a Bernoulli trial (the drafts after a rejection were never judged)."""
         return ((self.accepted + self.prior_acceptance * self.prior_weight)
                 / (self.accepted + self.rejections + self.prior_weight))
 
+    def position_acceptance(self, j: int) -> float:
+        pooled = self.acceptance
+        if j >= len(self.position_trials):
+            return pooled
+        w = self.prior_weight
+        return (self.position_accepts[j] + pooled * w) / (self.position_trials[j] + w)
+
+    @property
+    def verify_cost(self) -> float | None:
+        return self.verify_cost_at(2) if self.verify_costs else None
+
+    def verify_cost_at(self, width: int) -> float:
+        pts = sorted(self.verify_costs.items())
+        if len(pts) == 1:
+            n0, t0 = pts[0]
+            sp = self.verify_slope_prior  # t(n) = t(1) * (1 + sp * (n - 1))
+            return t0 * (1 + sp * (width - 1)) / (1 + sp * (n0 - 1))
+        n_mean = sum(n for n, _ in pts) / len(pts)
+        t_mean = sum(t for _, t in pts) / len(pts)
+        var = sum((n - n_mean) ** 2 for n, _ in pts)
+        slope = max(sum((n - n_mean) * (t - t_mean) for n, t in pts) / var, 0.0)
+        return max(t_mean + slope * (width - n_mean), 1e-9)
+
+    def expected_tokens(self, k: int) -> float:
+        total, reach = 1.0, 1.0
+        for j in range(k):
+            reach *= self.position_acceptance(j)
+            total += reach
+        return total
+
     def choose_k(self) -> int:
-        if self.draft_cost is None or self.verify_cost is None or self.verify_cost <= 0:
+        if self.draft_cost is None or not self.verify_costs:
             return min(self.initial_k, self.k_max)
-        return best_draft_length(self.acceptance, self.draft_cost, self.verify_cost, self.k_max)
+        best_k, best, e, reach = 1, -1.0, 1.0, 1.0
+        for k in range(1, self.k_max + 1):
+            reach *= self.position_acceptance(k - 1)
+            e += reach
+            rate = e / (k * self.draft_cost + self.verify_cost_at(k + 1))
+            if rate > best * (1 + 1e-9):
+                best_k, best = k, rate
+        return best_k
 
     def plan(self) -> DraftPlan:
         return DraftPlan(self.choose_k(), min_confidence=self.min_confidence)
 
     def observe(self, feedback: StepFeedback) -> None:
-        self.accepted += feedback.accepted
-        self.rejections += int(feedback.accepted < feedback.drafted)
+        d, a = feedback.drafted, feedback.accepted
+        self.accepted += a
+        self.rejections += int(a < d)
+        judged = min(d, a + 1)
+        while len(self.position_trials) < judged:
+            self.position_trials.append(0)
+            self.position_accepts.append(0)
+        for j in range(judged):
+            self.position_trials[j] += 1
+            self.position_accepts[j] += int(j < a)
         m = self.cost_momentum
         if feedback.draft_forwards > 0:
             per = feedback.draft_s / feedback.draft_forwards
             self.draft_cost = per if self.draft_cost is None else m * self.draft_cost + (1 - m) * per
-        if feedback.verify_s > 0:
-            v = feedback.verify_s
-            self.verify_cost = v if self.verify_cost is None else m * self.verify_cost + (1 - m) * v
+        if feedback.verify_s > 0 and feedback.verify_width > 0:
+            w, v = feedback.verify_width, feedback.verify_s
+            old = self.verify_costs.get(w)
+            self.verify_costs[w] = v if old is None else m * old + (1 - m) * v
 
 
 @dataclass

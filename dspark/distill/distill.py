@@ -14,6 +14,9 @@ Order of work (bad input fails before anything expensive):
 A draft whose outputs already exist for the same run is not trained again. OUT/distill.json holds the
 summary `--json` prints.
 
+Scale-out (torchrun / accelerate data parallel, DeepSpeed, multi-node commands): see
+`dspark.distill.parallel`.
+
 Held-out data, two kinds: the cache's held-out rows (a salted hash of the prompt id,
 `--heldout-percent`) for the expected acceptance during training, and the task's eval split (disjoint
 from the train split the cache is collected on) for the decoder measurements.

@@ -14,7 +14,9 @@ on-policy draws.
 Data parallel: with a `DistContext` of world size N (torchrun), every rank reads a disjoint 1/N of
 each window of cache rows (`LogitsCache.batches(rank=, world_size=)`, same number of batches on every
 rank), the forward module and the head are wrapped in DistributedDataParallel (gradients averaged, so
-every rank holds the same weights after every step); rank 0 evaluates and writes checkpoints.
+every rank holds the same weights after every step); rank 0 evaluates and writes checkpoints; at
+the end the ranks compare a digest of their weights and fail loudly if they differ. Launch commands
+for multi-GPU and multi-node runs are in `dspark.distill.parallel`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,26 @@ def load_draft(name_or_path: str, device: str = "cpu", dtype: str = "float32", o
                        num_parameters=count_parameters(model))
 
 
+def is_plain_linear(module) -> bool:
+    """An unquantized nn.Linear: exactly that class, with a plain floating-point weight tensor.
+    quanto (QLinear) and bitsandbytes (Linear8bitLt, Linear4bit) subclass nn.Linear; torchao keeps
+    nn.Linear but stores its weight as a tensor subclass (Int8Tensor, ...)."""
+    import torch
+
+    if type(module) is not torch.nn.Linear:
+        return False
+    w = module.weight
+    return type(w) in (torch.Tensor, torch.nn.Parameter) and type(w.data) is torch.Tensor and w.is_floating_point()
+
+
+def has_quantized_linears(model) -> bool:
+    """True when any linear layer of `model` is quantized (see `is_plain_linear`). Code that reads
+    `.weight` as a dense matrix (fusing projections, say) must not run on such a model."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Linear) and not is_plain_linear(m) for m in model.modules())
+
+
 def _leaves(t) -> list:
     """The plain tensors that hold a (possibly quantized, wrapper-subclass) tensor's data."""
     flatten = getattr(type(t), "__tensor_flatten__", None)

@@ -17,8 +17,9 @@ Protocol (one process, one device; the fairness rules of `dspark bench`):
 Per-candidate numbers (definitions of dspark.decode.types):
 - acceptance_rate, mean_accepted_tokens: of the chosen policy's run;
 - acceptance_per_position: accepted / drafted at draft position j of the largest static K run
-  (every step drafts K there, so position j is judged whenever positions < j were accepted: the
-  conditional acceptance of position j);
+  (dspark.decode.types counts every drafted position, so this is the fraction of steps whose
+  first j + 1 drafts were all accepted; position j's conditional acceptance is the ratio of
+  consecutive entries);
 - acceptance_per_token (a): Leviathan's per-token acceptance from all the candidate's runs,
   accepted / (accepted + rejections), `dspark.decode.analysis.acceptance_from_counts`;
 - draft_cost_ratio (c): median seconds of a one-token draft forward / one-token target forward,
@@ -363,8 +364,8 @@ def _measure(s: Session, entry: Entry) -> dict[str, Any]:
     from dspark.decode.engine import SpeculativeDecoder
     from dspark.decode.policy import parse_draft_length
     from dspark.decode.run import quiet_transformers
-    from dspark.quantize.loading import (count_parameters, deployment_bytes, load_draft, model_bytes,
-                                         quiet_quant_libraries)
+    from dspark.quantize.loading import (count_parameters, deployment_bytes, load_draft,
+                                         model_bytes, quiet_quant_libraries)
 
     cfg = s.config
     methods = candidate_methods(entry.spec.draft_length, cfg.ks)
@@ -455,8 +456,8 @@ def _measure(s: Session, entry: Entry) -> dict[str, Any]:
         "outputs_identical": (not mismatches) if reference is not None else None,
     })
     if mismatches:
-        out["warnings_extra"] = [f"greedy outputs differ from the target's own ({'; '.join(mismatches)}): "
-                                 "a decoder bug, please report it"]
+        out.setdefault("warnings_extra", []).append(
+            f"greedy outputs differ from the target's own ({'; '.join(mismatches)}): a decoder bug, please report it")
     return out
 
 

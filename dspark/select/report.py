@@ -137,8 +137,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Speedup against static draft length per candidate (measured: solid; Leviathan's bound:
-    dashed; auto: a star at its mean draft length), and acceptance per draft position."""
+    """Speedup against static draft length per candidate (measured: solid; Leviathan's model from
+    the measured a, c and verify costs: dashed; auto: a star at its mean draft length), and
+    acceptance per draft position."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +154,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         pred = {int(k): v for k, v in (r.get("predicted_speedup") or {}).items()}
         if pred:
             pk = sorted(pred)
-            ax1.plot(pk, [pred[k] for k in pk], "--", color=color, alpha=0.6, label=f"{r['name']} (Leviathan bound)")
+            ax1.plot(pk, [pred[k] for k in pk], "--", color=color, alpha=0.6, label=f"{r['name']} (Leviathan model)")
         auto = r["methods"].get("auto")
         if auto and auto.get("speedup") is not None:
             ax1.plot([auto["mean_draft_length"]], [auto["speedup"]], "*", color=color, markersize=14,
@@ -166,7 +167,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax1.set_ylabel("speedup over the target alone")
     ax1.set_title("speedup vs draft length")
     ax2.set_xlabel("draft position")
-    ax2.set_ylabel("acceptance (accepted / drafted)")
+    ax2.set_ylabel("accepted / drafted (all earlier drafts accepted too)")
     ax2.set_ylim(0, 1.05)
     ax2.set_title("acceptance per draft position")
     if rows:

@@ -21,13 +21,15 @@ DEFINITIONS = {
     "acceptance_rate": "accepted / drafted draft tokens, in the chosen policy's run",
     "mean_accepted_tokens": "tokens emitted per target forward (verify step), bonus included; target alone = 1.0",
     "acceptance_per_token": "Leviathan's per-token acceptance a = accepted / (accepted + rejections), all runs",
-    "acceptance_per_position": "accepted / drafted at draft position j in the largest static-K run",
+    "acceptance_per_position": "accepted / drafted at draft position j in the largest static-K run: the fraction "
+                               "of steps whose first j+1 drafts were all accepted",
     "draft_cost_ratio": "c = median one-token draft forward / median one-token target forward, same block",
     "tokens_per_s": "generated tokens / wall seconds, each prompt decoded alone, eos disabled",
     "speedup": "tokens_per_s / the target alone's tokens_per_s (HF generate) measured in the same block",
     "best_draft_length": "the static K with the highest measured tokens_per_s",
     "draft_length": "the chosen policy: the fastest of auto, the static Ks and the candidate's own form",
-    "predicted_speedup": "Leviathan's bound E(a,K)/(K c + v(K+1)) with this machine's measured verify costs v",
+    "predicted_speedup": "Leviathan's model E(a,K)/(K c + v(K+1)) with this machine's measured verify costs v, "
+                         "relative to bare target forwards (HF generate and dspark's loop add their own overhead)",
     "projected_speedup": "Leviathan's E(a,K)/(K c' + 1) at the best K for another machine's cost ratio c' "
                          "(projected, not measured)",
     "peak_memory_mb": "CPU: peak RSS while loading + warming up the draft minus RSS before; CUDA: "

@@ -99,7 +99,9 @@ def truncated_copy(model, layers: int = 2):
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: list[int] | None) -> list[int]:
     """The target's own greedy continuation via HF generate (generated ids only)."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    dev = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=dev),
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=dev),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                          pad_token_id=(eos or [0])[0])
     return out[0, len(prompt):].tolist()

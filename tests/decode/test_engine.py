@@ -372,3 +372,34 @@ def test_hf_path_decodes_like_the_lean_path(target):
         assert (dec.target.lean is not None) == lean
         res = dec.generate([[0], [4, 5, 6]], cfg)
         assert [r.token_ids for r in res] == [list(range(1, 11)), [(6 + i) % V for i in range(1, 11)]]
+
+
+def test_stream_does_not_leak_inference_mode(target):
+    dec = SpeculativeDecoder(target, bigram_llama(chain_table(V, 1)), None, draft_length=2)
+    for _ in dec.stream([[0]], GenerationConfig(max_new_tokens=6)):
+        assert not torch.is_inference_mode_enabled()
+
+
+def test_sampling_with_a_constraint_stays_valid():
+    vocab = 32
+    target = random_llama(vocab=vocab, seed=3, hidden=32, layers=2)
+    draft = random_llama(vocab=vocab, seed=4, hidden=16, layers=1)
+    dec = SpeculativeDecoder(target, draft, None, draft_length=3)
+    cons = [ParityConstraint(vocab, 10, limit=24) for _ in range(6)]
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.2, top_k=10, seed=5)
+    res = dec.generate([[1, 2]] * 6, cfg, cons)  # ParityConstraint.advance asserts every token is allowed
+    for r, c in zip(res, cons):
+        assert r.token_ids == c.tokens and len(r.token_ids) == 10 and r.finish_reason == "stop"
+        assert all(t % 2 == j % 2 and t < 24 for j, t in enumerate(r.token_ids))
+
+
+def test_bfloat16_models_decode():
+    t16 = bigram_llama(chain_table(V, 1)).to(torch.bfloat16)
+    table = chain_table(V, 1)
+    table[3] = chain_table(V, 6)[3]
+    d16 = bigram_llama(table).to(torch.bfloat16)
+    for lean in (True, False):
+        dec = SpeculativeDecoder(t16, d16, None, draft_length=4, lean=lean)
+        r = dec.generate([[0], [7, 8]], GenerationConfig(max_new_tokens=8))
+        assert [x.token_ids for x in r] == [list(range(1, 9)), [(8 + i) % V for i in range(1, 9)]]
+        assert r[0].stats.recovered >= 1  # the draft's wrong guess after token 3 was corrected

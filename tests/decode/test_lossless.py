@@ -5,6 +5,8 @@
   acceptance) and its first 2 layers (low acceptance).
 - The built-in pair tiny-code / tiny-code-draft-s (skipped only while the target folder does not
   exist: it is built by `dspark build-tiny-family`).
+The decoders run on the `decode_device` fixture's device (DSPARK_TEST_DEVICE, default cpu; the HF
+references are computed on the CPU first), so a GPU session runs the same checks on CUDA.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ def stories(tmp_path_factory):
 
 @pytest.mark.parametrize("draft_name", ["noised", "truncated"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_stories_greedy_equals_hf(stories, draft_name, policy):
+def test_stories_greedy_equals_hf(stories, decode_device, draft_name, policy):
     tok, target, drafts, heads, prompts, refs = stories
     head = heads[draft_name] if policy == "learned" else None
-    dec = SpeculativeDecoder(target, drafts[draft_name], tok, draft_length=policy, acceptance_head=head)
+    dec = SpeculativeDecoder(target, drafts[draft_name], tok, draft_length=policy, acceptance_head=head,
+                             device=decode_device)
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(1, 2))
     for batch_size in (1, 4):
         res = dec.generate(prompts, cfg, batch_size=batch_size)
@@ -57,31 +60,31 @@ def test_stories_greedy_equals_hf(stories, draft_name, policy):
         assert sum(r.stats.accepted for r in res) / sum(r.stats.drafted for r in res) > 0.3
 
 
-def test_stories_auto_with_head_uses_learned(stories):
+def test_stories_auto_with_head_uses_learned(stories, decode_device):
     tok, target, drafts, heads, prompts, refs = stories
-    dec = SpeculativeDecoder(target, drafts["noised"], tok, acceptance_head=heads["noised"])
+    dec = SpeculativeDecoder(target, drafts["noised"], tok, acceptance_head=heads["noised"], device=decode_device)
     assert dec.policy_factory.resolved_kind(dec.policy_context) == "learned"
     res = dec.generate(prompts[:4], GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(1, 2)))
     assert [r.token_ids for r in res] == refs[:4]
 
 
-def test_stories_target_only_equals_hf(stories):
+def test_stories_target_only_equals_hf(stories, decode_device):
     tok, target, _, _, prompts, refs = stories
-    dec = SpeculativeDecoder(target, None, tok)
+    dec = SpeculativeDecoder(target, None, tok, device=decode_device)
     res = dec.generate(prompts, GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(1, 2)), batch_size=4)
     assert [r.token_ids for r in res] == refs
     assert all(r.stats.mean_accepted_tokens == 1.0 for r in res)
 
 
-def test_stories_default_stop_is_the_tokenizer_eos(stories):
+def test_stories_default_stop_is_the_tokenizer_eos(stories, decode_device):
     tok, target, drafts, _, prompts, _ = stories
-    dec = SpeculativeDecoder(target, drafts["noised"], tok, draft_length=4)
+    dec = SpeculativeDecoder(target, drafts["noised"], tok, draft_length=4, device=decode_device)
     assert dec.default_stop_ids == (2,)
     ref = hf_greedy(target, prompts[0], 60, [2])
     assert dec.generate(prompts[:1], GenerationConfig(max_new_tokens=60))[0].token_ids == ref
 
 
-def test_stories_padded_target_vocab(stories):
+def test_stories_padded_target_vocab(stories, decode_device):
     """A target whose lm_head has 8 padded rows (copies of <unk>'s, never the argmax) still decodes
     exactly like HF, and the draft is the unpadded model."""
     import copy
@@ -90,12 +93,12 @@ def test_stories_padded_target_vocab(stories):
     padded = copy.deepcopy(target)
     padded.config.tie_word_embeddings = False
     old = padded.lm_head.weight.data
-    head = torch.nn.Linear(old.shape[1], old.shape[0] + 8, bias=False)
+    head = torch.nn.Linear(old.shape[1], old.shape[0] + 8, bias=False, device=old.device)
     with torch.no_grad():
         head.weight[: old.shape[0]] = old
         head.weight[old.shape[0]:] = old[0]
     padded.lm_head = head
-    dec = SpeculativeDecoder(padded, drafts["noised"], tok, draft_length=3)
+    dec = SpeculativeDecoder(padded, drafts["noised"], tok, draft_length=3, device=decode_device)
     assert dec.vocab == 512
     res = dec.generate(prompts, GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(1, 2)), batch_size=4)
     assert [r.token_ids for r in res] == refs
@@ -117,9 +120,9 @@ def tiny_pair():
 
 
 @pytest.mark.parametrize("policy", ["2", "5", "confidence:0.4", "auto"])
-def test_builtin_pair_greedy_equals_hf(tiny_pair, policy):
+def test_builtin_pair_greedy_equals_hf(tiny_pair, decode_device, policy):
     tok, target, draft, prompts, refs = tiny_pair
-    dec = SpeculativeDecoder(target, draft, tok, draft_length=policy)
+    dec = SpeculativeDecoder(target, draft, tok, draft_length=policy, device=decode_device)
     for batch_size in (1, 4):
         res = dec.generate(prompts, GenerationConfig(max_new_tokens=MAX_NEW), batch_size=batch_size)
         assert [r.token_ids for r in res] == refs, (policy, batch_size)

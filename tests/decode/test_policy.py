@@ -77,8 +77,10 @@ def test_goodput_adapts_to_its_own_request():
     good, bad = GoodputPolicy(), GoodputPolicy()
     assert good.plan().max_tokens == 4  # no costs measured yet
     for _ in range(20):
-        good.observe(StepFeedback(drafted=8, accepted=8, draft_forwards=8, draft_s=0.008, verify_s=0.01))
-        bad.observe(StepFeedback(drafted=4, accepted=0, draft_forwards=4, draft_s=0.004, verify_s=0.01))
+        good.observe(StepFeedback(drafted=8, accepted=8, draft_forwards=8, draft_s=0.008, verify_s=0.01,
+                                  verify_width=9))
+        bad.observe(StepFeedback(drafted=4, accepted=0, draft_forwards=4, draft_s=0.004, verify_s=0.01,
+                                 verify_width=5))
     assert good.acceptance > 0.9 and bad.acceptance < 0.3
     assert good.plan().max_tokens > 6
     assert bad.plan().max_tokens == 1
@@ -88,3 +90,26 @@ def test_goodput_acceptance_counts_trials_up_to_the_first_rejection():
     pol = GoodputPolicy(prior_weight=0.0)
     pol.observe(StepFeedback(drafted=5, accepted=2))  # 2 accepted, 1 rejected, 2 never judged
     assert pol.acceptance == pytest.approx(2 / 3)
+
+
+def test_goodput_per_position_acceptance_and_verify_cost_line():
+    pol = GoodputPolicy(prior_weight=1.0)
+    for _ in range(30):  # position 0 always accepted, position 1 never
+        pol.observe(StepFeedback(drafted=3, accepted=1, draft_forwards=3, draft_s=0.003, verify_s=0.010,
+                                 verify_width=4))
+        pol.observe(StepFeedback(drafted=1, accepted=1, draft_forwards=1, draft_s=0.001, verify_s=0.007,
+                                 verify_width=2))
+    assert pol.position_acceptance(0) > 0.95 and pol.position_acceptance(1) < 0.1
+    assert pol.verify_cost_at(3) == pytest.approx(0.0085, rel=0.05)  # on the line through (2, 7ms), (4, 10ms)
+    assert pol.expected_tokens(1) == pytest.approx(1 + pol.position_acceptance(0))
+    assert pol.plan().max_tokens == 1  # a second draft is almost never accepted: not worth its cost
+
+
+def test_goodput_prefers_fewer_drafts_when_verification_width_is_expensive():
+    cheap, steep = GoodputPolicy(), GoodputPolicy()
+    for _ in range(20):
+        for pol, slope in ((cheap, 0.0001), (steep, 0.01)):
+            for w in (2, 5):
+                pol.observe(StepFeedback(drafted=w - 1, accepted=int(0.8 * (w - 1)), draft_forwards=w - 1,
+                                         draft_s=0.0005 * (w - 1), verify_s=0.01 + slope * w, verify_width=w))
+    assert cheap.plan().max_tokens > steep.plan().max_tokens

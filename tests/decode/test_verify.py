@@ -48,7 +48,8 @@ def test_zero_drafts_is_target_only():
     res = verify_greedy(torch.zeros(2, 0, dtype=torch.long), torch.stack([onehot_logits([6], 8)] * 2))
     assert res.n_accepted.tolist() == [0, 0] and res.next_token.tolist() == [6, 6] and res.is_bonus.all()
     p = torch.tensor([[[0.0, 1.0, 0.0]]])
-    res = verify_sampling(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 3), p, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    res = verify_sampling(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 3), p, gen)
     assert res.next_token.tolist() == [1] and res.is_bonus.tolist() == [True]
 
 

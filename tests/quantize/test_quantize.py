@@ -36,7 +36,10 @@ def _lossless(draft_model, n_tokens: int = 8) -> None:
     ids = [t.tokenizer("def main():\n    ")["input_ids"]]
     cfg = GenerationConfig(max_new_tokens=n_tokens, ignore_eos=True)
     want = SpeculativeDecoder(t.model, None, t.tokenizer).generate(ids, cfg)[0].token_ids
-    got = SpeculativeDecoder(t.model, draft_model, t.tokenizer, "3").generate(ids, cfg)[0]
+    dec = SpeculativeDecoder(t.model, draft_model, t.tokenizer, "3")
+    # the fused fast path would read quantized weights as dense matrices: it must not be taken
+    assert dec.draft.lean is None and dec.target.lean is not None
+    got = dec.generate(ids, cfg)[0]
     assert got.token_ids == want
     assert got.stats.drafted > 0
 
@@ -54,7 +57,7 @@ def source():
 @pytest.mark.skipif(not have("optimum.quanto"), reason="optimum-quanto is not installed")
 def test_quanto_int8_with_guard(tmp_path, source):
     from dspark.models import load_model
-    from dspark.quantize.loading import load_draft
+    from dspark.quantize.loading import has_quantized_linears, load_draft
 
     out = tmp_path / "s-int8"
     r = quantize_draft(out, QuantizeOptions(method="int8", backend="quanto", target=TARGET, **GUARD), draft=DRAFT)
@@ -75,6 +78,7 @@ def test_quanto_int8_with_guard(tmp_path, source):
     d, ids = source
     q = load_draft(str(out))
     assert q.tokenizer_size == d.tokenizer_size
+    assert has_quantized_linears(q.model) and not has_quantized_linears(d.model)
     diff = (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item()
     assert 0 < diff < 0.5  # quantized: close to the original, not identical
     _lossless(q.model)
