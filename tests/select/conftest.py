@@ -1,42 +1,5 @@
-"""Select test settings: offline, one torch thread (the suite shares 2 cores), the built-in family."""
+"""Select test settings: offline, one torch thread, the built-in family (see tests/common.py)."""
 
-from __future__ import annotations
+from tests.common import BUILTIN, REPO, STORIES, have, need_builtins, offline, one_thread  # noqa: F401
 
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-BUILTIN = REPO / "dspark" / "models" / "builtin"
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
 TARGET = "tiny-code"
-
-
-def have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def need_builtins(*names: str) -> None:
-    for n in names:
-        if not (BUILTIN / n).is_dir():
-            pytest.skip(f"built-in model {n} is not built")
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
