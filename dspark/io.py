@@ -58,3 +58,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move a finished folder built aside (`tmp`) into place at `out`. An existing `out` is swapped
+    out first and deleted last, so a crash leaves either the new folder or the old one, never half."""
+    import shutil
+    import uuid
+
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, trash)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(trash, out)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    return out

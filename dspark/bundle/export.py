@@ -24,7 +24,7 @@ from dspark.bundle.manifest import (DRAFT_DIR, MANIFEST_NAME, README_FILE, SCHEM
                                     resolve_selection_path)
 from dspark.bundle.weights import check_weight_keys, model_weight_files, stored_tensors
 from dspark.errors import DsparkError
-from dspark.io import atomic_write_json, atomic_write_text, atomic_write_yaml, sha256_file
+from dspark.io import atomic_write_json, atomic_write_text, atomic_write_yaml, sha256_file, replace_dir
 
 # A bundle is something people copy around; a target above this belongs in its own storage.
 MAX_INCLUDED_TARGET_BYTES = 2 * 1024 ** 3
@@ -297,7 +297,7 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
                           header=f"dspark bundle {bundle_name}: target {t_name}, draft {d_name}\n"
                                  "check it with: dspark verify-bundle <this folder>")
         _make_shareable(tmp)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,17 +322,3 @@ def _numel(shape) -> int:
     return n
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing OUT (only with --force) is swapped out first
-    and deleted last, so a crash leaves one complete bundle at OUT or the old one beside it."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(trash, out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

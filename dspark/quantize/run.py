@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from dspark.config.candidate import (Candidate, Measured, Provenance, load_candidate, resolve_relative,
                                      write_candidate)
+from dspark.io import replace_dir
 from dspark.errors import DsparkError
 from dspark.quantize.backends import (PREFERENCES, QuantRequest, check_method, choose_backend, device_type,
                                       quantization_of)
@@ -139,20 +140,6 @@ def _check_out(out: Path, force: bool) -> Path:
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing OUT (only with --force) is swapped out
-    first and deleted last."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(trash, out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def prompt_texts(source: str, split: str, limit: int, tokenizer=None) -> list[str]:
@@ -313,7 +300,7 @@ def quantize_draft(out: str | os.PathLike, opts: QuantizeOptions, draft: str | N
                         header=f"dspark candidate {name}: {opts.method} ({backend.name}) of {_label(source)}\n"
                                f"score it with: dspark select --candidates {out_path / CANDIDATE_FILE} --target "
                                f"{cand.target or 'T'} --task code")
-        _replace(tmp, out_path)
+        replace_dir(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
