@@ -6,8 +6,9 @@
 
 It starts the real server (uvicorn in a background thread, 127.0.0.1, a free port) on a bundle (one
 exported from the built-in pair into a temp folder when --bundle is not given), warms it up, then
-runs two phases with the same per-client work: 1 client sending --requests requests one after the
-other, and --clients client threads each sending --requests requests. Every request is a greedy
+runs two phases with the same work: the same clients x requests completions (the same prompts),
+sent by 1 client one after the other, then by --clients client threads each sending --requests
+requests back to back. Every request is a greedy
 /v1/completions call with a fixed max_tokens and `ignore_eos` (so each produces exactly that many
 tokens), prompts taken from the `code` task's eval split. Reported per phase: total completion
 tokens / wall seconds, requests/s, p50 / p99 latency of one request; then the goal of issue 6:
@@ -136,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             log(f"serving {runtime.model_id} at {server.base_url}; warm-up")
             run_phase(server.base_url, runtime.model_id, prompts, 1, 1, args.max_tokens, args.timeout)
-            log(f"phase 1: 1 client x {args.requests} requests x {args.max_tokens} tokens")
-            one = run_phase(server.base_url, runtime.model_id, prompts, 1, args.requests, args.max_tokens,
-                            args.timeout)
+            total = args.clients * args.requests  # client c's request r gets prompt c * requests + r
+            log(f"phase 1: 1 client x {total} requests x {args.max_tokens} tokens")
+            one = run_phase(server.base_url, runtime.model_id, prompts, 1, total, args.max_tokens, args.timeout)
             log(f"phase 2: {args.clients} clients x {args.requests} requests x {args.max_tokens} tokens")
             many = run_phase(server.base_url, runtime.model_id, prompts, args.clients, args.requests,
                              args.max_tokens, args.timeout)

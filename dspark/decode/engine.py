@@ -75,11 +75,13 @@ OnTokens = Callable[[int, list[int]], None]
 @dataclass
 class TokenEvent:
     """One streamed update: `row` (index into the prompts passed in) got `token_ids` appended;
-    `result` is set on the request's last event."""
+    `result` is set on the request's last event. `stats`: the request's DecodeStats so far (a live
+    object the decoder keeps updating: copy it to keep a snapshot)."""
 
     row: int
     token_ids: list[int]
     result: DecodeResult | None = None
+    stats: DecodeStats | None = None
 
 
 class _Runner:
@@ -134,6 +136,40 @@ class _Runner:
             cache.select(idx)
         else:
             cache.batch_select_indices(idx)
+
+    @staticmethod
+    def layers_kv(cache, length: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per layer (keys, values) [B, kv_heads, length, head_dim], or None for an empty layer."""
+        if isinstance(cache, KVBuffer):
+            return [(k[:, :, :length], v[:, :, :length]) for k, v in zip(cache.k, cache.v)]
+        out = []
+        for layer in cache.layers:
+            ok = layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0
+            out.append((layer.keys, layer.values) if ok else None)
+        return out
+
+    @staticmethod
+    def set_layers_kv(cache, kv: list[tuple[torch.Tensor, torch.Tensor] | None], batch: int, length: int) -> None:
+        """Replace the cache's contents: kv per layer as returned by `layers_kv` (None: nothing cached)."""
+        if isinstance(cache, KVBuffer):
+            cap = max(length, cache.capacity)
+            for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+                nk = k.new_zeros(batch, k.shape[1], cap, k.shape[3])
+                nv = v.new_zeros(batch, v.shape[1], cap, v.shape[3])
+                if kv[i] is not None:
+                    nk[:, :, :length] = kv[i][0]
+                    nv[:, :, :length] = kv[i][1]
+                cache.k[i], cache.v[i] = nk, nv
+            cache.length = length
+            return
+        for layer, item in zip(cache.layers, kv):
+            if item is None:
+                if layer.is_initialized:
+                    layer.reset()  # nothing cached: the next update starts over at the right batch size
+                continue
+            if not layer.is_initialized:
+                layer.lazy_initialization(*item)
+            layer.keys, layer.values = item
 
     def __call__(self, ids, pos, mask, cache, n_logits: int, want_hidden: bool):
         """ids, pos: [B, T] long; mask: bool [B, 1, T, S] or None (attend to every slot: only for one-token
@@ -255,12 +291,65 @@ class _Slots:
             self.length = new_len
 
     def select(self, rows: list[int]) -> None:
-        """Keep only these batch rows (finished requests leave the batch)."""
+        """Keep only these batch rows (finished requests leave the batch), then drop the leading slots
+        no remaining row uses (the prompts of rows that left)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.runner.select(self.cache, idx)
         self.valid = self.valid.index_select(0, idx)
         self.pos = [self.pos[r] for r in rows]
+        used = self.valid[:, : self.length].any(dim=0).nonzero()
+        first = int(used[0].item()) if used.numel() else self.length
+        if first > 0:
+            n = self.length - first
+            kv = [None if item is None else (item[0][:, :, first:], item[1][:, :, first:])
+                  for item in self.runner.layers_kv(self.cache, self.length)]
+            self.runner.set_layers_kv(self.cache, kv, len(rows), n)
+            shifted = torch.zeros_like(self.valid)
+            shifted[:, :n] = self.valid[:, first: self.length]
+            self.valid = shifted
+            self.length = n
         self.holes = not bool(self.valid[:, : self.length].all())
+
+    def absorb(self, others: list["_Slots"]) -> None:
+        """Append the rows of `others` (single-row caches without holes, e.g. freshly prefilled prompts)
+        to this batch. Rows are right-aligned on the slot axis: the side that is shorter gets leading
+        holes, so no token is recomputed and nobody's positions change."""
+        if not others:
+            return
+        b, s = len(self.pos), self.length
+        lens = [o.length for o in others]
+        new_len = max([s] + lens)
+        old = self.runner.layers_kv(self.cache, s) if b and s else None
+        news = [o.runner.layers_kv(o.cache, o.length) if o.length else None for o in others]
+        merged = []
+        for i in range(len(self.runner.layers_kv(self.cache, 0))):
+            parts = ([] if old is None or old[i] is None else [old[i]]) + \
+                [n[i] for n in news if n is not None and n[i] is not None]
+            if not parts:
+                merged.append(None)
+                continue
+            k0 = parts[0][0]
+            k = k0.new_zeros(b + len(others), k0.shape[1], new_len, k0.shape[3])
+            v = torch.zeros_like(k)
+            if old is not None and old[i] is not None:
+                k[:b, :, new_len - s:] = old[i][0]
+                v[:b, :, new_len - s:] = old[i][1]
+            for j, n in enumerate(news):
+                if n is not None and n[i] is not None:
+                    k[b + j, :, new_len - lens[j]:] = n[i][0][0]
+                    v[b + j, :, new_len - lens[j]:] = n[i][1][0]
+            merged.append((k, v))
+        if isinstance(self.cache, KVBuffer) or any(m is not None for m in merged):
+            self.runner.set_layers_kv(self.cache, merged, b + len(others), new_len)
+        valid = torch.zeros(b + len(others), max(new_len, self.valid.shape[1]), dtype=torch.bool,
+                            device=self.device)
+        valid[:b, new_len - s:new_len] = self.valid[:, :s]
+        for j, n in enumerate(lens):
+            valid[b + j, new_len - n:new_len] = True
+        self.valid = valid
+        self.pos = self.pos + [o.pos[0] for o in others]
+        self.length = new_len
+        self.holes = not bool(self.valid[:, :new_len].all())
 
 
 def _sync(device: torch.device) -> None:
@@ -452,7 +541,8 @@ class SpeculativeDecoder:
             head = configs[g[0]]
             for r in g[1:]:
                 c = configs[r]
-                if (c.temperature, c.top_k, c.top_p, c.seed) != (head.temperature, head.top_k, head.top_p, head.seed):
+                if not (c.greedy and head.greedy) and \
+                        (c.temperature, c.top_k, c.top_p, c.seed) != (head.temperature, head.top_k, head.top_p, head.seed):
                     raise DsparkError(f"prompts {g[0]} and {r} are in one batch but have different sampling "
                                       "settings (temperature/top_k/top_p/seed); use batch_size=1 or equal settings")
 
@@ -478,254 +568,358 @@ class SpeculativeDecoder:
         return out, time.perf_counter() - t0
 
     def _decode_batch(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
-        # inference mode only while a step runs: a `with` held across `yield` would leak the mode into
-        # the caller's code between events
-        steps = self._loop(prompts, configs, constraints, policies, row_ids)
-        while True:
-            with torch.inference_mode():
-                events = next(steps, None)
-            if events is None:
-                return
-            yield from events
+        session = DecodeSession(self)
+        session.add(prompts, configs, constraints, policies, row_ids)
+        while session.active:
+            yield from session.step()
 
-    def _loop(self, prompts, configs, constraints, policies, row_ids) -> Iterator[list[TokenEvent]]:
-        t_start = time.perf_counter()
-        dev, V = self.device, self.vocab
-        b = len(prompts)
-        cfg0 = configs[0]
+    def session(self) -> "DecodeSession":
+        """An open batch for continuous batching: `add` requests at any time between `step`s (a server
+        admits new requests into the running batch instead of waiting for it to finish)."""
+        return DecodeSession(self)
+
+
+class DecodeSession:
+    """A running batch of requests on one decoder (see the module docstring for one step).
+
+    `add(prompts, configs, ...)` prefills each new prompt on its own (batch 1: no padding compute)
+    and appends it to the batch's KV caches (`_Slots.absorb`); `step()` runs one draft-verify step
+    for every active row and returns its TokenEvents; finished rows leave the batch. Rows may join
+    between any two steps; their output does not depend on when they joined or with whom (greedy).
+    All rows share one sampling setting (temperature / top_k / top_p / seed: one generator draws
+    for the whole batch), fixed by the first `add`; `accepts(config)` says whether a config fits.
+    Each request's stats are live on its events (`TokenEvent.stats`), final on its last one.
+    """
+
+    def __init__(self, decoder: SpeculativeDecoder):
+        self.dec = decoder
+        self.cfg0: GenerationConfig | None = None
+        self.gen = None
+        self.prompts: list[list[int]] = []
+        self.configs: list[GenerationConfig] = []
+        self.constraints: list[TokenConstraint | None] = []
+        self.policies: list[DraftLengthPolicy] = []
+        self.row_ids: list = []
+        self.stop_sets: list[set[int]] = []
+        self.stats: list[DecodeStats] = []
+        self.seqs: list[list[int]] = []
+        self.gen_counts: list[int] = []
+        self.started: list[float] = []
+        self.draft_ok: list[bool] = []
+        self.rows: list[int] = []  # batch row -> local request index
+        self.tgt = _Slots(decoder.target, 0)
+        self.dft = _Slots(decoder.draft, 0) if decoder.draft else None
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def accepts(self, config: GenerationConfig) -> bool:
+        """Whether a request with `config` may join (greedy rows ignore top_k / top_p / seed)."""
+        c0 = self.cfg0
+        if c0 is None or (c0.greedy and config.greedy):
+            return True
+        return (config.temperature, config.top_k, config.top_p, config.seed) == \
+            (c0.temperature, c0.top_k, c0.top_p, c0.seed)
+
+    def cancel(self, row_id) -> bool:
+        """Drop an unfinished request from the batch (its client left, or a stop string ended it);
+        False if it is not active."""
+        for bi, r in enumerate(self.rows):
+            if self.row_ids[r] == row_id:
+                keep = [b for b in range(len(self.rows)) if b != bi]
+                with torch.inference_mode():
+                    self.tgt.select(keep)
+                    if self.dft is not None:
+                        self.dft.select(keep)
+                self.rows.pop(bi)
+                return True
+        return False
+
+    def add(self, prompts, configs, constraints=None, policies=None, row_ids=None) -> list:
+        """Admit requests (token-id prompts; one GenerationConfig each or one for all). constraints:
+        None or one TokenConstraint-or-None each; policies: None (the decoder's draft length) or one
+        DraftLengthPolicy each; row_ids: what their events' `row` is (default: local indices).
+        Prompts are checked as `SpeculativeDecoder.stream` checks them. Returns the row ids."""
+        dec = self.dec
+        prompts = dec._check_prompts(prompts)
+        n = len(prompts)
+        configs = dec._configs(configs, n)
+        constraints = [None] * n if constraints is None else list(constraints)
+        policies = dec._policies(None, n) if policies is None else list(policies)
+        if row_ids is None:
+            row_ids = list(range(len(self.prompts), len(self.prompts) + n))
+        row_ids = list(row_ids)
+        if not (len(constraints) == len(policies) == len(row_ids) == n):
+            raise DsparkError(f"add: {n} prompts need as many constraints, policies and row ids")
+        for c in configs:
+            if self.cfg0 is None:
+                self.cfg0 = c
+                self.gen = None if c.greedy else make_generator(c.seed, dec.device)
+            elif not self.accepts(c):
+                raise DsparkError("a batch shares one sampling setting (temperature/top_k/top_p/seed); this "
+                                  "request's differs from the batch's: decode it in another session")
+        with torch.inference_mode():
+            for p, cfg, con, pol, rid in zip(prompts, configs, constraints, policies, row_ids):
+                self._admit(p, cfg, con, pol, rid)
+        return row_ids
+
+    def _admit(self, prompt, cfg, con, pol, rid) -> None:
+        dec = self.dec
+        i = len(self.prompts)
+        st = DecodeStats(prompt_tokens=len(prompt))
+        ok = dec.draft is not None and len(prompt) - 1 <= dec.draft.max_positions
+        self.prompts.append(prompt)
+        self.configs.append(cfg)
+        self.constraints.append(con)
+        self.policies.append(pol)
+        self.row_ids.append(rid)
+        self.stop_sets.append(set(dec._stop_ids(cfg)))
+        self.stats.append(st)
+        self.seqs.append(list(prompt))
+        self.gen_counts.append(0)
+        self.started.append(time.perf_counter())
+        self.draft_ok.append(ok)
+        # prefill everything but the last prompt token (it is fed, as the pending token, by the first
+        # step), alone: a padded batch prefill would compute the padding too
+        t_one = _Slots(dec.target, 1)
+        if len(prompt) > 1:
+            _, dt = dec._timed(t_one.feed, [prompt[:-1]], 0, False)
+            st.target_forwards += 1
+            st.target_time_s += dt
+        self.tgt.absorb([t_one])
+        if self.dft is not None:
+            d_one = _Slots(dec.draft, 1)
+            if ok and len(prompt) > 1:
+                _, dd = dec._timed(d_one.feed, [prompt[:-1]], 0, False)
+                st.draft_forwards += 1
+                st.draft_time_s += dd
+            self.dft.absorb([d_one])
+        self.rows.append(i)
+
+    def step(self) -> list[TokenEvent]:
+        """One draft-verify step for every active row; [] when none is active."""
+        if not self.rows:
+            return []
+        with torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[TokenEvent]:
+        dec = self.dec
+        dev, V = dec.device, dec.vocab
+        cfg0, gen = self.cfg0, self.gen
         greedy = cfg0.greedy
-        gen = None if greedy else make_generator(cfg0.seed, dev)
-        draft = self.draft
-        ctx_t = self.target.max_positions
+        draft = dec.draft
+        ctx_t = dec.target.max_positions
         ctx_d = draft.max_positions if draft else 0
-        stop_sets = [set(self._stop_ids(c)) for c in configs]
-        stats = [DecodeStats(prompt_tokens=len(p)) for p in prompts]
-        seqs = [list(p) for p in prompts]
-        gen_counts = [0] * b
-        rows = list(range(b))  # batch row -> local request index
-
-        tgt = _Slots(self.target, b)
-        dft = _Slots(draft, b) if draft else None
-        draft_ok = [bool(draft) and len(p) - 1 <= ctx_d for p in prompts]
-
-        # prefill everything but the last prompt token (it is fed, as the pending token, by the first step)
-        if any(len(p) > 1 for p in prompts):
-            _, dt = self._timed(tgt.feed, [p[:-1] for p in prompts], 0, False)
-            for st in stats:
-                st.target_forwards += 1
-                st.target_time_s += dt
-            if dft is not None:
-                _, dd = self._timed(dft.feed, [p[:-1] if ok else [] for p, ok in zip(prompts, draft_ok)], 0, False)
-                for st in stats:
-                    st.draft_forwards += 1
-                    st.draft_time_s += dd
-
-        while rows:
-            nb = len(rows)
-            plans = [policies[r].plan() for r in rows]
-            caps = []
-            for bi, r in enumerate(rows):
-                L = len(seqs[r])
-                remaining = min(configs[r].max_new_tokens - gen_counts[r], ctx_t - L)
-                k = min(plans[bi].max_tokens, remaining - 1)
-                if not (draft and draft_ok[r]):
-                    k = 0
-                else:
-                    k = min(k, ctx_d - L + 1)
-                caps.append(max(k, 0))
-            K = max(caps)
-            cons = [constraints[r] for r in rows]
-            has_cons = any(c is not None for c in cons)
-            cmasks: list[list[torch.Tensor]] = [[] for _ in range(nb)]
-            dead = [False] * nb  # constraint allows nothing after this row's drafts
-            drafts = torch.zeros(nb, 0, dtype=torch.long, device=dev)
-            qs = None
-            nd = [0] * nb
-            draft_forwards, draft_s = 0, 0.0
-            seq_len_before = [len(seqs[r]) for r in rows]
-
-            if K > 0:
-                # per-row control in Python: one small host read per draft step, no tensor bookkeeping
-                drafting = [k > 0 for k in caps]
-                min_conf = [p.min_confidence for p in plans]
-                min_acc = [p.min_acceptance for p in plans]
-                use_conf = any(c > 0 for c in min_conf)
-                use_head = self.acceptance_head is not None and any(a > 0 for a in min_acc)
-                cum = [1.0] * nb
-                cols: list[torch.Tensor] = []
-                qcols: list[torch.Tensor] = []
-                chunks = [seqs[r][dft.pos[bi]:] if draft_ok[r] else [] for bi, r in enumerate(rows)]
-                tok = None
-                for j in range(K):
-                    if j == 0:
-                        (logits, hidden), dt = self._timed(dft.feed, chunks, 1, use_head)
-                    else:
-                        (logits, hidden), dt = self._timed(dft.feed_tensor, tok[:, None], 1, use_head)
-                    draft_forwards += 1
-                    draft_s += dt
-                    logits = _fit(logits[:, -1], V)
-                    if has_cons:
-                        allow = torch.ones(nb, V, dtype=torch.bool, device=dev)
-                        for bi, c in enumerate(cons):
-                            if c is None or not drafting[bi]:
-                                continue
-                            m = _next_mask(c, V, dev)
-                            if m is None:
-                                dead[bi] = True
-                                drafting[bi] = False
-                                continue
-                            cmasks[bi].append(m)
-                            allow[bi] = m
-                        logits = logits.masked_fill(~allow, float("-inf"))
-                    conf = None
-                    if greedy:
-                        tok = logits.argmax(dim=-1)
-                        if use_conf:
-                            conf = logits.softmax(dim=-1).gather(1, tok[:, None]).squeeze(1)
-                    else:
-                        q = warp_logits(logits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
-                        tok = torch.multinomial(q, 1, generator=gen).squeeze(1)
-                        qcols.append(q)
-                        if use_conf:
-                            conf = q.gather(1, tok[:, None]).squeeze(1)
-                    cols.append(tok)
-                    tl = tok.tolist()
-                    cl = conf.tolist() if conf is not None else None
-                    hl = self.acceptance_head(hidden.float()).tolist() if use_head else None
-                    for bi, r in enumerate(rows):
-                        if not drafting[bi]:
-                            continue
-                        nd[bi] += 1
-                        c = cons[bi]
-                        if c is not None:
-                            c.advance(tl[bi])
-                        go = j + 1 < caps[bi] and tl[bi] not in stop_sets[r]
-                        if cl is not None and cl[bi] < min_conf[bi]:
-                            go = False
-                        if hl is not None:
-                            cum[bi] *= hl[bi]
-                            if cum[bi] < min_acc[bi]:
-                                go = False
-                        drafting[bi] = go
-                    if not any(drafting):
-                        break
-                K = len(cols)
-                drafts = torch.stack(cols, dim=1)
-                if qcols:
-                    qs = torch.stack(qcols, dim=1)
-
-            # the mask for the position after each row's last draft (the recovered / bonus position)
-            if has_cons:
-                for bi, c in enumerate(cons):
-                    if c is None or dead[bi]:
-                        continue
-                    m = _next_mask(c, V, dev)
-                    if m is None:
-                        dead[bi] = True
-                    else:
-                        cmasks[bi].append(m)
-
-            # verify: one target forward over [pending, d_1..d_K]
-            pending = torch.tensor([seqs[r][-1] for r in rows], dtype=torch.long, device=dev)[:, None]
-            (tlogits, _), verify_s = self._timed(tgt.feed_tensor, torch.cat([pending, drafts], dim=1), K + 1,
-                                                 False)
-            tlogits = _fit(tlogits, V)
-            if has_cons:
-                tmask = torch.ones(nb, K + 1, V, dtype=torch.bool, device=dev)
-                for bi, ms in enumerate(cmasks):
-                    for jj, m in enumerate(ms[: K + 1]):
-                        tmask[bi, jj] = m
-                tlogits = tlogits.masked_fill(~tmask, float("-inf"))
-                # a position whose mask allows nothing (dead row) must not produce NaN probabilities
-                tlogits = torch.where(tmask.any(-1, keepdim=True), tlogits, torch.zeros_like(tlogits))
-            nd_tensor = torch.tensor(nd, dtype=torch.long, device=dev)
-            if greedy:
-                res = verify_greedy(drafts, tlogits, nd_tensor)
+        tgt, dft = self.tgt, self.dft
+        rows, seqs, configs, policies = self.rows, self.seqs, self.configs, self.policies
+        constraints, stats, gen_counts = self.constraints, self.stats, self.gen_counts
+        stop_sets, draft_ok, prompts, row_ids = self.stop_sets, self.draft_ok, self.prompts, self.row_ids
+        nb = len(rows)
+        plans = [policies[r].plan() for r in rows]
+        caps = []
+        for bi, r in enumerate(rows):
+            L = len(seqs[r])
+            remaining = min(configs[r].max_new_tokens - gen_counts[r], ctx_t - L)
+            k = min(plans[bi].max_tokens, remaining - 1)
+            if not (draft and draft_ok[r]):
+                k = 0
             else:
-                p = warp_logits(tlogits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
-                res = verify_sampling(drafts, qs if qs is not None else torch.zeros(nb, 0, V, device=dev), p,
-                                      gen, nd_tensor)
-            n_acc = res.n_accepted.tolist()
-            nxt = res.next_token.tolist()
-            dlist = drafts.tolist()
+                k = min(k, ctx_d - L + 1)
+            caps.append(max(k, 0))
+        K = max(caps)
+        cons = [constraints[r] for r in rows]
+        has_cons = any(c is not None for c in cons)
+        cmasks: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+        dead = [False] * nb  # constraint allows nothing after this row's drafts
+        drafts = torch.zeros(nb, 0, dtype=torch.long, device=dev)
+        qs = None
+        nd = [0] * nb
+        draft_forwards, draft_s = 0, 0.0
+        seq_len_before = [len(seqs[r]) for r in rows]
 
-            # commit
-            now = time.perf_counter()
-            t_keep, d_keep, survivors = [], [], []
-            events: list[TokenEvent] = []
-            for bi, r in enumerate(rows):
-                st = stats[r]
-                n, k = n_acc[bi], nd[bi]
-                block = dlist[bi][:n]
-                if not (dead[bi] and n == k):
-                    block.append(nxt[bi])
-                reason = None
-                cut = next((idx for idx, tkn in enumerate(block) if tkn in stop_sets[r]), None)
-                if cut is not None:
-                    block = block[: cut + 1]
-                    reason = "stop"
-                accepted_c = min(n, len(block))
-                extra = len(block) - accepted_c  # the recovered or bonus token, if emitted
-                # a stop token accepted mid-block: the drafts after it never mattered
-                drafted_c = k if cut is None or cut >= n else accepted_c
-                if extra:
-                    if n == k:
-                        st.bonus += 1
-                    else:
-                        st.recovered += 1
-                st.drafted += drafted_c
-                st.accepted += accepted_c
-                for j_ in range(drafted_c):
-                    st.record_position(j_, j_ < accepted_c)
-                st.verify_steps += 1
-                st.target_forwards += 1
-                st.target_time_s += verify_s
-                st.draft_forwards += draft_forwards
-                st.draft_time_s += draft_s
-                c = cons[bi]
-                if c is not None:
-                    c.rollback(k - accepted_c)
-                    if extra:
-                        c.advance(block[-1])
-                    if reason is None and (c.is_finished() or (dead[bi] and n == k)):
-                        reason = "stop"
-                policies[r].observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
-                                                 draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s,
-                                                 verify_width=K + 1))
-                seqs[r].extend(block)
-                gen_counts[r] += len(block)
-                st.generated = gen_counts[r]
-                if reason is None and not block:
-                    reason = "stop"  # the constraint allows no further token
-                if reason is None and (gen_counts[r] >= configs[r].max_new_tokens or len(seqs[r]) >= ctx_t):
-                    reason = "length"
-                if reason is not None:
-                    st.total_time_s = now - t_start
-                    result = DecodeResult(token_ids=seqs[r][len(prompts[r]):], finish_reason=reason, stats=st)
-                    events.append(TokenEvent(row_ids[r], block, result))
+        if K > 0:
+            # per-row control in Python: one small host read per draft step, no tensor bookkeeping
+            drafting = [k > 0 for k in caps]
+            min_conf = [p.min_confidence for p in plans]
+            min_acc = [p.min_acceptance for p in plans]
+            use_conf = any(c > 0 for c in min_conf)
+            use_head = dec.acceptance_head is not None and any(a > 0 for a in min_acc)
+            cum = [1.0] * nb
+            cols: list[torch.Tensor] = []
+            qcols: list[torch.Tensor] = []
+            chunks = [seqs[r][dft.pos[bi]:] if draft_ok[r] else [] for bi, r in enumerate(rows)]
+            tok = None
+            for j in range(K):
+                if j == 0:
+                    (logits, hidden), dt = dec._timed(dft.feed, chunks, 1, use_head)
                 else:
-                    survivors.append(bi)
-                    events.append(TokenEvent(row_ids[r], block))
-                # the target keeps the pending token + the accepted drafts; the draft had cached the
-                # committed tokens + d_1..d_{K-1}
-                t_keep.append(tgt.pos[bi] - K + accepted_c)
-                if dft is not None:
-                    if K == 0:
-                        d_keep.append(dft.pos[bi])
-                    elif draft_ok[r]:
-                        d_keep.append(seq_len_before[bi] + min(accepted_c, K - 1))
-                    else:
-                        d_keep.append(0)
-            tgt.keep(t_keep)
+                    (logits, hidden), dt = dec._timed(dft.feed_tensor, tok[:, None], 1, use_head)
+                draft_forwards += 1
+                draft_s += dt
+                logits = _fit(logits[:, -1], V)
+                if has_cons:
+                    allow = torch.ones(nb, V, dtype=torch.bool, device=dev)
+                    for bi, c in enumerate(cons):
+                        if c is None or not drafting[bi]:
+                            continue
+                        m = _next_mask(c, V, dev)
+                        if m is None:
+                            dead[bi] = True
+                            drafting[bi] = False
+                            continue
+                        cmasks[bi].append(m)
+                        allow[bi] = m
+                    logits = logits.masked_fill(~allow, float("-inf"))
+                conf = None
+                if greedy:
+                    tok = logits.argmax(dim=-1)
+                    if use_conf:
+                        conf = logits.softmax(dim=-1).gather(1, tok[:, None]).squeeze(1)
+                else:
+                    q = warp_logits(logits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
+                    tok = torch.multinomial(q, 1, generator=gen).squeeze(1)
+                    qcols.append(q)
+                    if use_conf:
+                        conf = q.gather(1, tok[:, None]).squeeze(1)
+                cols.append(tok)
+                tl = tok.tolist()
+                cl = conf.tolist() if conf is not None else None
+                hl = dec.acceptance_head(hidden.float()).tolist() if use_head else None
+                for bi, r in enumerate(rows):
+                    if not drafting[bi]:
+                        continue
+                    nd[bi] += 1
+                    c = cons[bi]
+                    if c is not None:
+                        c.advance(tl[bi])
+                    go = j + 1 < caps[bi] and tl[bi] not in stop_sets[r]
+                    if cl is not None and cl[bi] < min_conf[bi]:
+                        go = False
+                    if hl is not None:
+                        cum[bi] *= hl[bi]
+                        if cum[bi] < min_acc[bi]:
+                            go = False
+                    drafting[bi] = go
+                if not any(drafting):
+                    break
+            K = len(cols)
+            drafts = torch.stack(cols, dim=1)
+            if qcols:
+                qs = torch.stack(qcols, dim=1)
+
+        # the mask for the position after each row's last draft (the recovered / bonus position)
+        if has_cons:
+            for bi, c in enumerate(cons):
+                if c is None or dead[bi]:
+                    continue
+                m = _next_mask(c, V, dev)
+                if m is None:
+                    dead[bi] = True
+                else:
+                    cmasks[bi].append(m)
+
+        # verify: one target forward over [pending, d_1..d_K]
+        pending = torch.tensor([seqs[r][-1] for r in rows], dtype=torch.long, device=dev)[:, None]
+        (tlogits, _), verify_s = dec._timed(tgt.feed_tensor, torch.cat([pending, drafts], dim=1), K + 1,
+                                             False)
+        tlogits = _fit(tlogits, V)
+        if has_cons:
+            tmask = torch.ones(nb, K + 1, V, dtype=torch.bool, device=dev)
+            for bi, ms in enumerate(cmasks):
+                for jj, m in enumerate(ms[: K + 1]):
+                    tmask[bi, jj] = m
+            tlogits = tlogits.masked_fill(~tmask, float("-inf"))
+            # a position whose mask allows nothing (dead row) must not produce NaN probabilities
+            tlogits = torch.where(tmask.any(-1, keepdim=True), tlogits, torch.zeros_like(tlogits))
+        nd_tensor = torch.tensor(nd, dtype=torch.long, device=dev)
+        if greedy:
+            res = verify_greedy(drafts, tlogits, nd_tensor)
+        else:
+            p = warp_logits(tlogits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
+            res = verify_sampling(drafts, qs if qs is not None else torch.zeros(nb, 0, V, device=dev), p,
+                                  gen, nd_tensor)
+        n_acc = res.n_accepted.tolist()
+        nxt = res.next_token.tolist()
+        dlist = drafts.tolist()
+
+        # commit
+        now = time.perf_counter()
+        t_keep, d_keep, survivors = [], [], []
+        events: list[TokenEvent] = []
+        for bi, r in enumerate(rows):
+            st = stats[r]
+            n, k = n_acc[bi], nd[bi]
+            block = dlist[bi][:n]
+            if not (dead[bi] and n == k):
+                block.append(nxt[bi])
+            reason = None
+            cut = next((idx for idx, tkn in enumerate(block) if tkn in stop_sets[r]), None)
+            if cut is not None:
+                block = block[: cut + 1]
+                reason = "stop"
+            accepted_c = min(n, len(block))
+            extra = len(block) - accepted_c  # the recovered or bonus token, if emitted
+            # a stop token accepted mid-block: the drafts after it never mattered
+            drafted_c = k if cut is None or cut >= n else accepted_c
+            if extra:
+                if n == k:
+                    st.bonus += 1
+                else:
+                    st.recovered += 1
+            st.drafted += drafted_c
+            st.accepted += accepted_c
+            for j_ in range(drafted_c):
+                st.record_position(j_, j_ < accepted_c)
+            st.verify_steps += 1
+            st.target_forwards += 1
+            st.target_time_s += verify_s
+            st.draft_forwards += draft_forwards
+            st.draft_time_s += draft_s
+            c = cons[bi]
+            if c is not None:
+                c.rollback(k - accepted_c)
+                if extra:
+                    c.advance(block[-1])
+                if reason is None and (c.is_finished() or (dead[bi] and n == k)):
+                    reason = "stop"
+            policies[r].observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
+                                             draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s,
+                                             verify_width=K + 1, batch_rows=nb))
+            seqs[r].extend(block)
+            gen_counts[r] += len(block)
+            st.generated = gen_counts[r]
+            if reason is None and not block:
+                reason = "stop"  # the constraint allows no further token
+            if reason is None and (gen_counts[r] >= configs[r].max_new_tokens or len(seqs[r]) >= ctx_t):
+                reason = "length"
+            if reason is not None:
+                st.total_time_s = now - self.started[r]
+                result = DecodeResult(token_ids=seqs[r][len(prompts[r]):], finish_reason=reason, stats=st)
+                events.append(TokenEvent(row_ids[r], block, result, st))
+            else:
+                survivors.append(bi)
+                events.append(TokenEvent(row_ids[r], block, None, st))
+            # the target keeps the pending token + the accepted drafts; the draft had cached the
+            # committed tokens + d_1..d_{K-1}
+            t_keep.append(tgt.pos[bi] - K + accepted_c)
             if dft is not None:
-                dft.keep(d_keep)
-            if len(survivors) < nb:
-                rows = [rows[bi] for bi in survivors]
-                if rows:
-                    tgt.select(survivors)
-                    if dft is not None:
-                        dft.select(survivors)
-            yield events
+                if K == 0:
+                    d_keep.append(dft.pos[bi])
+                elif draft_ok[r]:
+                    d_keep.append(seq_len_before[bi] + min(accepted_c, K - 1))
+                else:
+                    d_keep.append(0)
+        tgt.keep(t_keep)
+        if dft is not None:
+            dft.keep(d_keep)
+        if len(survivors) < nb:
+            self.rows = [rows[bi] for bi in survivors]
+            tgt.select(survivors)
+            if dft is not None:
+                dft.select(survivors)
+        return events
 
 
 def _fit(logits: torch.Tensor, vocab: int) -> torch.Tensor:

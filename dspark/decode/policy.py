@@ -14,12 +14,14 @@ After verification the decoder calls `observe(StepFeedback)` with the counts and
 Forms accepted by `parse_draft_length` (also the CLI's `--draft-length`):
 - `K` or `static:K`: always K drafts (K >= 1).
 - `confidence:T[:KMAX]`: draft up to KMAX (default 16) and stop when confidence < T (0 < T < 1).
-- `goodput[:KMAX]`: per step choose K in 1..KMAX (default 12) maximising Leviathan's
-  expected tokens per unit time E(K) / (K * c_draft + c_verify(K + 1)), E(K) = (1 - a^(K+1)) / (1 - a)
+- `goodput[:KMAX]`: per step choose K in 0..KMAX (default 12) maximising Leviathan's
+  expected tokens per unit time E(K) / (K * c_draft + c_verify(B * (K + 1))), E(K) = (1 - a^(K+1)) / (1 - a)
   for a constant acceptance a, refined per draft position from this request's own counts (see
   GoodputPolicy), c_draft = measured seconds per draft forward, c_verify(n) = measured seconds of
-  a verify forward over n tokens (a line fitted to the widths seen). Before the first measurement
-  it drafts 4.
+  a verify forward over n tokens in all (a line fitted to the sizes seen; B = rows in the batch, so
+  a large batch that is compute-bound drafts less). K = 0 (no drafts: a plain target step) wins
+  when the draft does not pay for itself; then a probe step with the best K >= 1 every
+  `probe_every` steps keeps the estimates fresh. Before the first measurement it drafts 4.
 - `learned[:T]`: needs the draft's acceptance head (`acceptance_head.safetensors`); the goodput rule
   gives the cap and drafting stops once the predicted cumulative acceptance < T (default 0.5).
 - `auto` (the default): `learned` when the draft carries an acceptance head, otherwise `goodput`
@@ -64,7 +66,7 @@ class StepFeedback:
     drafted: drafts of this request that were verified; accepted: how many of them were accepted;
     draft_forwards / draft_s: draft forwards run in the step and their total seconds;
     verify_s: seconds of the step's target forward, over verify_width tokens per row (the batch's
-    K + 1). Times are shared by a batch's rows."""
+    K + 1) and batch_rows rows. Times are shared by a batch's rows."""
 
     drafted: int
     accepted: int
@@ -72,6 +74,7 @@ class StepFeedback:
     draft_s: float = 0.0
     verify_s: float = 0.0
     verify_width: int = 0
+    batch_rows: int = 1
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,12 @@ class GoodputPolicy:
       estimated from this request's own counts and shrunk towards the request's pooled per-token
       rate (itself shrunk towards `prior_acceptance`); E(K) = 1 + sum_{k<=K} prod_{j<k} a_j. With
       a constant a this is (1 - a^(K+1)) / (1 - a).
-    - cost: K * c_draft + c_verify(K + 1), c_draft the running mean seconds per draft forward and
-      c_verify(n) a line fitted to the running mean verify seconds at each width n seen so far
-      (before two widths are seen, the slope is `verify_slope_prior` x the cost of one width).
+    - cost: K * c_draft + c_verify(B * (K + 1)), c_draft the running mean seconds per draft forward
+      and c_verify(n) a line fitted to the running mean verify seconds at each size n (tokens in
+      the forward: batch rows x width) seen so far (before two sizes are seen, the slope is
+      `verify_slope_prior` x the cost of one token); B = the rows of the last step's batch.
+    - K = 0 (target only: 1 token per c_verify(B)) competes when `allow_zero`; after `probe_every`
+      steps at K = 0 one step drafts the best K >= 1, so acceptance and costs keep being measured.
     """
 
     k_max: int = DEFAULT_GOODPUT_KMAX
@@ -170,11 +176,15 @@ class GoodputPolicy:
     initial_k: int = 4
     cost_momentum: float = 0.8
     verify_slope_prior: float = 0.1
+    allow_zero: bool = True
+    probe_every: int = 16
     name: str = "goodput"
+    rows: int = field(default=1, init=False)
+    zero_steps: int = field(default=0, init=False)
     accepted: int = field(default=0, init=False)
     rejections: int = field(default=0, init=False)
     draft_cost: float | None = field(default=None, init=False)
-    verify_costs: dict = field(default_factory=dict, init=False)  # width (K + 1) -> running mean seconds
+    verify_costs: dict = field(default_factory=dict, init=False)  # tokens (rows x (K + 1)) -> mean seconds
     position_trials: list = field(default_factory=list, init=False)
     position_accepts: list = field(default_factory=list, init=False)
 
@@ -200,6 +210,7 @@ class GoodputPolicy:
         return self.verify_cost_at(2) if self.verify_costs else None
 
     def verify_cost_at(self, width: int) -> float:
+        """Seconds of a verify forward over `width` tokens in all (rows x K + 1)."""
         pts = sorted(self.verify_costs.items())
         if len(pts) == 1:
             n0, t0 = pts[0]
@@ -218,20 +229,35 @@ class GoodputPolicy:
             total += reach
         return total
 
-    def choose_k(self) -> int:
-        if self.draft_cost is None or not self.verify_costs:
-            return min(self.initial_k, self.k_max)
-        best_k, best, e, reach = 1, -1.0, 1.0, 1.0
+    def rates(self) -> list[float]:
+        """Expected tokens per second for K = 0..k_max (needs measured costs)."""
+        b = self.rows
+        out = [1.0 / self.verify_cost_at(b)]
+        e, reach = 1.0, 1.0
         for k in range(1, self.k_max + 1):
             reach *= self.position_acceptance(k - 1)
             e += reach
-            rate = e / (k * self.draft_cost + self.verify_cost_at(k + 1))
-            if rate > best * (1 + 1e-9):
-                best_k, best = k, rate
+            out.append(e / (k * self.draft_cost + self.verify_cost_at(b * (k + 1))))
+        return out
+
+    def choose_k(self) -> int:
+        """The K to draft next (0: a plain target step)."""
+        if self.draft_cost is None or not self.verify_costs:
+            return min(self.initial_k, self.k_max)
+        rates = self.rates()
+        best_k = 1
+        for k in range(2, self.k_max + 1):
+            if rates[k] > rates[best_k] * (1 + 1e-9):
+                best_k = k
+        if self.allow_zero and rates[0] > rates[best_k] * (1 + 1e-9):
+            if self.zero_steps < self.probe_every:
+                return 0
         return best_k
 
     def plan(self) -> DraftPlan:
-        return DraftPlan(self.choose_k(), min_confidence=self.min_confidence)
+        k = self.choose_k()
+        self.zero_steps = self.zero_steps + 1 if k == 0 else 0
+        return DraftPlan(k, min_confidence=self.min_confidence)
 
     def observe(self, feedback: StepFeedback) -> None:
         d, a = feedback.drafted, feedback.accepted
@@ -248,8 +274,9 @@ class GoodputPolicy:
         if feedback.draft_forwards > 0:
             per = feedback.draft_s / feedback.draft_forwards
             self.draft_cost = per if self.draft_cost is None else m * self.draft_cost + (1 - m) * per
+        self.rows = max(feedback.batch_rows, 1)
         if feedback.verify_s > 0 and feedback.verify_width > 0:
-            w, v = feedback.verify_width, feedback.verify_s
+            w, v = feedback.verify_width * self.rows, feedback.verify_s
             old = self.verify_costs.get(w)
             self.verify_costs[w] = v if old is None else m * old + (1 - m) * v
 

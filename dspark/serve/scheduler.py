@@ -1,24 +1,28 @@
-"""The scheduler: one thread that owns the decoder and feeds it batches of concurrent requests.
+"""The scheduler: one thread that owns the decoder and runs continuous batching.
 
-Requests (`Job`s) queue up; when the decoder is free the scheduler waits up to `batch_window_s` for
-companions (or until `max_batch_size` are waiting), then takes the oldest job and every waiting job
-that may share its batch, oldest first, and decodes them together with `SpeculativeDecoder.stream`.
+Requests (`Job`s) queue up. When the decoder is idle the scheduler waits up to `batch_window_s` for
+companions (or until `max_batch_size` are waiting), opens a decode session (`decoder.session()`, a
+running batch) with the oldest job and every waiting job that may share its batch, and steps it.
+Between any two decode steps it admits more waiting jobs with the batch's key into the running
+batch (each new prompt is prefilled alone and joins the others' KV caches), up to
+`max_batch_size` rows; finished rows leave at once. So a request arriving mid-batch starts within
+one step instead of waiting for the longest request of the batch to finish.
+
 Rows of one batch must share their sampling settings (the decoder samples a batch with one
 generator), so the batch key is:
 - greedy: ("greedy",), all greedy requests batch together (batching never changes a greedy output);
 - sampling with a seed: a batch of its own, so a seeded request's draws do not depend on what else
   was running;
 - sampling without a seed: (temperature, top_p, top_k).
-The decoder decodes a batch to the end; requests that arrive meanwhile wait for the next batch.
+Fairness: a running batch admits only jobs that arrived before the oldest waiting job with another
+key; once such a job waits, the batch drains and that job's key runs next.
 
 Each job's events go to its `emit` callback (thread-safe; the HTTP side bridges it into asyncio):
 ("text", delta) as text becomes safe to send, then ("done", Outcome) or ("error", status, type, msg).
 
-Speculative stats: a request that runs to its end (eos, length, grammar) reports the decoder's
-DecodeStats. A request ended by a `stop` string is answered at once while the decoder's row may go on;
-it reports what the events up to the stop show exactly: verify steps, accepted drafts (each non-final
-step emits its accepted drafts plus one recovered-or-bonus token) and mean accepted tokens; the drafted
-count is not visible in events, so drafted and acceptance_rate are null there ("partial": true).
+Speculative stats: every decoder event carries the request's live DecodeStats, so a request ended
+by a `stop` string (answered at once; its row is then dropped from the batch) reports the exact
+counts of the steps it took, like one that ran to its end (eos, length, grammar).
 """
 
 from __future__ import annotations
@@ -133,12 +137,15 @@ class _Row:
             reason = "stop" if self.text.stopped else ev.result.finish_reason
             self._finish(reason, speculative_from_stats(ev.result.stats, self.policy), ev.result.stats)
         elif self.text.stopped:
-            spec = {"draft_length": self.policy, "drafted": None, "accepted": self.accepted,
-                    "acceptance_rate": None,
-                    "mean_accepted_tokens": self.emitted / self.steps if self.steps else 0.0,
-                    "verify_steps": self.steps, "target_forwards": None, "draft_forwards": None,
-                    "partial": True}
-            self._finish("stop", spec, None)
+            if ev.stats is not None:
+                self._finish("stop", speculative_from_stats(ev.stats, self.policy), ev.stats)
+            else:
+                spec = {"draft_length": self.policy, "drafted": None, "accepted": self.accepted,
+                        "acceptance_rate": None,
+                        "mean_accepted_tokens": self.emitted / self.steps if self.steps else 0.0,
+                        "verify_steps": self.steps, "target_forwards": None, "draft_forwards": None,
+                        "partial": True}
+                self._finish("stop", spec, None)
 
     def _finish(self, reason: str, spec: dict, stats) -> None:
         tail = self.text.finish()
@@ -251,35 +258,66 @@ class Scheduler:
             finally:
                 self._running = 0
 
+    def _more(self, key: tuple, room: int) -> list[Job]:
+        """Waiting jobs that may join the running batch with `key` (oldest first, at most `room`): those
+        that arrived before the oldest waiting job of another key."""
+        if room <= 0:
+            return []
+        with self._cond:
+            if self._stopping or not self._pending:
+                return []
+            take, keep = [], collections.deque()
+            blocked = False
+            while self._pending:
+                job = self._pending.popleft()
+                if not blocked and len(take) < room and batch_key(job) == key:
+                    take.append(job)
+                else:
+                    blocked = blocked or batch_key(job) != key
+                    keep.append(job)
+            self._pending.extend(keep)
+            return take
+
+    def _add(self, session, rows: dict, jobs: list[Job]) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            self.metrics.queue_time.observe(now - job.arrived)
+            if job.cancelled.is_set():
+                continue
+            row = _Row(job, self.tokenizer, self.policy, self.metrics)
+            try:
+                session.add([job.prompt_ids], [job.config], [job.constraint], row_ids=[job.id])
+            except DsparkError as e:
+                row.fail(400, "invalid_request_error", str(e))
+                continue
+            rows[job.id] = row
+        self._running = len(rows)
+        if jobs:
+            self.metrics.batch_size.observe(len(rows))
+
     def run_batch(self, batch: list[Job]) -> None:
-        start = time.perf_counter()
+        """Decode `batch` in one session, admitting waiting jobs with its key between steps, until no
+        row is left."""
         self.batches += 1
-        self.metrics.batch_size.observe(len(batch))
-        rows = []
-        for job in batch:
-            self.metrics.queue_time.observe(start - job.arrived)
-            if not job.cancelled.is_set():
-                rows.append(_Row(job, self.tokenizer, self.policy, self.metrics))
-        if not rows:
-            return
+        key = batch_key(batch[0])
+        session = self.decoder.session()
+        rows: dict[int, _Row] = {}
         try:
-            events = self.decoder.stream([r.job.prompt_ids for r in rows], [r.job.config for r in rows],
-                                         [r.job.constraint for r in rows])
-        except DsparkError as e:
-            for r in rows:
-                r.fail(400, "invalid_request_error", str(e))
-            return
-        try:
-            for ev in events:
-                row = rows[ev.row]
-                if not row.done:
-                    row.on_event(ev)
-                if all(r.done or r.job.cancelled.is_set() for r in rows):
-                    break
+            self._add(session, rows, batch)
+            while rows:
+                for ev in session.step():
+                    row = rows.get(ev.row)
+                    if row is not None and not row.done:
+                        row.on_event(ev)
+                for jid, row in list(rows.items()):
+                    if row.done or row.job.cancelled.is_set():
+                        session.cancel(jid)  # a no-op for rows the decoder finished itself
+                        del rows[jid]
+                self._add(session, rows, self._more(key, self.max_batch_size - len(rows)))
         except Exception as e:
             log.exception("decoding failed")
-            for r in rows:
+            for r in rows.values():
                 if not r.done:
                     r.fail(500, "server_error", f"decoding failed: {type(e).__name__}: {e}")
         finally:
-            events.close()
+            self._running = 0

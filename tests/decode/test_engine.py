@@ -13,7 +13,7 @@ from dspark.decode.engine import _Runner, _Slots
 from dspark.decode.policy import LearnedPolicy
 from dspark.errors import DsparkError, IncompatibleTokenizersError
 from tests.decode.decode_models import single_thread  # noqa: F401  (autouse fixture)
-from tests.decode.decode_models import bigram_llama, chain_table, random_llama
+from tests.decode.decode_models import bigram_llama, chain_table, hf_greedy, random_llama
 
 V = 16
 
@@ -403,3 +403,63 @@ def test_bfloat16_models_decode():
         r = dec.generate([[0], [7, 8]], GenerationConfig(max_new_tokens=8))
         assert [x.token_ids for x in r] == [list(range(1, 9)), [(8 + i) % V for i in range(1, 9)]]
         assert r[0].stats.recovered >= 1  # the draft's wrong guess after token 3 was corrected
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_alone(lean):
+    """Continuous batching: requests added to a running session (longer and shorter prompts than the
+    batch's cache, a one-token prompt) and one cancelled midway; every greedy output equals the
+    request decoded alone, on the lean KV buffer and on transformers' DynamicCache."""
+    import collections
+    import copy
+
+    target = random_llama(vocab=32, seed=3, hidden=32, layers=2)
+    draft = copy.deepcopy(target)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen) * p.std())
+    dec = SpeculativeDecoder(target, draft, None, draft_length=2, lean=lean)
+    prompts = {"a": [1, 2, 3, 4, 5, 6, 7], "b": [9], "c": [4] * 20 + [2], "d": [5, 6], "e": [7, 8, 9]}
+    cfg = GenerationConfig(max_new_tokens=14)
+    alone = {k: dec.generate([p], cfg)[0] for k, p in prompts.items()}
+    assert 0 < sum(r.stats.accepted for r in alone.values()) < sum(r.stats.drafted for r in alone.values())
+    for k, p in prompts.items():  # the reference: HF's own greedy decoding, no dspark code involved
+        assert alone[k].token_ids == hf_greedy(target, p, 14, None), k
+    s = dec.session()
+    out, results = collections.defaultdict(list), {}
+
+    def run(steps=1):
+        for _ in range(steps):
+            for ev in s.step():
+                out[ev.row].extend(ev.token_ids)
+                assert ev.stats is not None and ev.stats.generated == len(out[ev.row])
+                if ev.result is not None:
+                    results[ev.row] = ev.result
+
+    s.add([prompts["a"]], cfg, row_ids=["a"])
+    run(2)
+    s.add([prompts["b"], prompts["c"]], cfg, row_ids=["b", "c"])
+    run(1)
+    s.add([prompts["d"], prompts["e"]], cfg, row_ids=["d", "e"])
+    run(1)
+    assert s.cancel("e") and not s.cancel("e") and s.active == 4
+    while s.active:
+        run()
+    for k in "abcd":
+        assert out[k] == alone[k].token_ids == results[k].token_ids, k
+        assert results[k].stats.generated == 14
+    assert out["e"] == alone["e"].token_ids[: len(out["e"])] and "e" not in results
+    assert s.step() == []
+
+
+def test_session_refuses_a_different_sampling_setting(target):
+    dec = SpeculativeDecoder(target, None, None)
+    s = dec.session()
+    s.add([[0]], GenerationConfig(max_new_tokens=2, temperature=0.5, seed=1))
+    assert not s.accepts(GenerationConfig(temperature=0.7))
+    with pytest.raises(DsparkError, match="sampling setting"):
+        s.add([[1]], GenerationConfig(max_new_tokens=2, temperature=0.7))
+    greedy = dec.session()
+    greedy.add([[0]], GenerationConfig(max_new_tokens=2))
+    assert greedy.accepts(GenerationConfig(top_p=0.5))  # greedy ignores top_p

@@ -83,7 +83,38 @@ def test_goodput_adapts_to_its_own_request():
                                  verify_width=5))
     assert good.acceptance > 0.9 and bad.acceptance < 0.3
     assert good.plan().max_tokens > 6
-    assert bad.plan().max_tokens == 1
+    assert bad.plan().max_tokens == 0  # the draft does not pay for itself: plain target steps
+    no_zero = GoodputPolicy(allow_zero=False)
+    no_zero.__dict__.update({k: bad.__dict__[k] for k in ("accepted", "rejections", "draft_cost", "verify_costs",
+                                                          "position_trials", "position_accepts")})
+    assert no_zero.plan().max_tokens == 1
+
+
+def test_goodput_probes_with_drafts_while_it_runs_target_only():
+    pol = GoodputPolicy(probe_every=3)
+    for _ in range(10):
+        pol.observe(StepFeedback(drafted=4, accepted=0, draft_forwards=4, draft_s=0.004, verify_s=0.01,
+                                 verify_width=5))
+    ks = [pol.plan().max_tokens for _ in range(8)]
+    assert ks == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_goodput_drafts_less_in_a_compute_bound_batch():
+    """Verify cost proportional to tokens in the forward (compute-bound) hurts a batch of 8 far more
+    than one row; with a flat cost (overhead-bound) the batch size does not matter."""
+    def trained(rows: int, per_token: float, fixed: float) -> GoodputPolicy:
+        pol = GoodputPolicy()
+        for _ in range(20):
+            for w in (1, 2, 4):
+                pol.observe(StepFeedback(drafted=w - 1, accepted=int(0.7 * (w - 1)), draft_forwards=w - 1,
+                                         draft_s=0.0003 * (w - 1), verify_s=fixed + per_token * rows * w,
+                                         verify_width=w, batch_rows=rows))
+        return pol
+
+    one, eight = trained(1, 0.001, 0.004), trained(8, 0.001, 0.004)
+    assert eight.rows == 8 and one.plan().max_tokens >= 2 and eight.plan().max_tokens == 0
+    flat1, flat8 = trained(1, 0.0, 0.01), trained(8, 0.0, 0.01)
+    assert flat1.plan().max_tokens == flat8.plan().max_tokens >= 2
 
 
 def test_goodput_acceptance_counts_trials_up_to_the_first_rejection():

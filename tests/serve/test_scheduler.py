@@ -21,45 +21,62 @@ class Event:
     row: int
     token_ids: list
     result: DecodeResult | None = None
+    stats: DecodeStats | None = None
+
+
+class ScriptedSession:
+    """Each row emits its prompt's scripted blocks, one block per step, with live stats (3 drafts per
+    step); rows join with `add` and leave with `cancel`, like the decoder's session."""
+
+    def __init__(self, dec: "ScriptedDecoder"):
+        self.dec = dec
+        self.rows: dict = {}  # row id -> (script key, blocks left, stats)
+        self.admitted: list[list[int]] = []
+        dec.sessions.append(self.admitted)
+
+    def add(self, prompts, configs, constraints=None, policies=None, row_ids=None):
+        for p, rid in zip(prompts, row_ids):
+            self.admitted.append(list(p))
+            self.rows[rid] = (p[0], list(self.dec.blocks[p[0]]), DecodeStats(prompt_tokens=len(p)))
+        return row_ids
+
+    def step(self):
+        events = []
+        for rid, (key, script, st) in list(self.rows.items()):
+            if self.dec.fail_after is not None and self.dec.steps >= self.dec.fail_after:
+                raise RuntimeError("device lost")
+            self.dec.steps += 1
+            block = script.pop(0)
+            st.verify_steps += 1
+            st.drafted += 3
+            st.accepted += len(block) - 1
+            st.recovered += 1
+            st.generated += len(block)
+            if script:
+                events.append(Event(rid, block, None, st))
+            else:
+                del self.rows[rid]
+                toks = [t for b in self.dec.blocks[key] for t in b]
+                events.append(Event(rid, block, DecodeResult(toks, "length", st), st))
+        return events
+
+    def cancel(self, rid) -> bool:
+        if rid in self.rows:
+            self.dec.cancelled.append(rid)
+        return self.rows.pop(rid, None) is not None
 
 
 class ScriptedDecoder:
-    """Emits each prompt's scripted blocks (one block per verify step), recording the batches."""
+    """Hands out ScriptedSessions, recording what each admitted and which rows were cancelled."""
 
     def __init__(self, blocks: dict[int, list[list[int]]], fail_after: int | None = None):
         self.blocks, self.fail_after = blocks, fail_after
-        self.batches: list[list[list[int]]] = []
-        self.closed = 0
+        self.sessions: list[list[list[int]]] = []
+        self.cancelled: list = []
+        self.steps = 0
 
-    def stream(self, prompts, configs, constraints):
-        self.batches.append([list(p) for p in prompts])
-
-        def events():
-            try:
-                scripts = [list(self.blocks[p[0]]) for p in prompts]
-                done = [False] * len(prompts)
-                n = 0
-                while not all(done):
-                    for r, script in enumerate(scripts):
-                        if done[r]:
-                            continue
-                        if self.fail_after is not None and n >= self.fail_after:
-                            raise RuntimeError("device lost")
-                        n += 1
-                        block = script.pop(0)
-                        if script:
-                            yield Event(r, block)
-                        else:
-                            done[r] = True
-                            toks = [t for b in self.blocks[prompts[r][0]] for b_ in [b] for t in b_]
-                            steps = len(self.blocks[prompts[r][0]])
-                            st = DecodeStats(verify_steps=steps, drafted=3 * steps, accepted=len(toks) - steps,
-                                             recovered=steps, generated=len(toks), prompt_tokens=len(prompts[r]))
-                            yield Event(r, block, DecodeResult(toks, "length", st))
-            finally:
-                self.closed += 1
-
-        return events()
+    def session(self):
+        return ScriptedSession(self)
 
 
 def _job(prompt, sink, temperature=0.0, seed=None, stop=()):
@@ -108,31 +125,59 @@ def test_jobs_queued_together_are_decoded_together_and_finish_with_stats():
             threading.Event().wait(0.05)
     finally:
         sched.stop()
-    assert dec.batches == [[[1, 0], [3, 0]]] and sched.batches == 1
+    assert dec.sessions == [[[1, 0], [3, 0]]] and sched.batches == 1
     out = _drain(sink)
     done1 = out[1][-1][1]
     assert [i[1] for i in out[1][:-1]] == ["he", "llo"] and done1.text == "hello"
     assert (done1.finish_reason, done1.prompt_tokens, done1.completion_tokens) == ("length", 2, 2)
     assert done1.speculative["drafted"] == 6 and done1.speculative["partial"] is False
+    assert dec.cancelled == []  # finished rows left the batch on their own
     assert out[3][-1][1].text == " world"
     assert metrics.generation_tokens.total() == 4 and metrics.batch_size.count == 1
 
 
-def test_stop_string_answers_early_with_partial_stats_and_ends_the_batch():
-    dec = ScriptedDecoder({1: [[1, 2], [3], [4], [4], [4]]})
+def test_stop_string_answers_early_with_exact_stats_and_leaves_the_batch():
+    dec = ScriptedDecoder({1: [[1, 2], [3], [4], [4], [4]], 3: [[3], [4], [4], [4], [4]]})
     sched, metrics = _scheduler(dec)
     sink = queue.Queue()
-    sched.run_batch([_job([1], sink, stop=["o w"])])
+    a, b = _job([1], sink, stop=["o w"]), _job([3], sink)
+    sched.run_batch([a, b])
     items = _drain(sink)[1]
     done = items[-1][1]
     assert "".join(i[1] for i in items if i[0] == "text") == done.text == "hell"
     assert done.finish_reason == "stop" and done.completion_tokens == 3
     spec = done.speculative
-    # two verify steps seen: blocks [1, 2] (one accepted draft + one recovered) and [3]
-    assert (spec["verify_steps"], spec["accepted"], spec["drafted"], spec["partial"]) == (2, 1, None, True)
+    # two verify steps: blocks [1, 2] (one accepted draft + one recovered) and [3], 3 drafts each
+    assert (spec["verify_steps"], spec["accepted"], spec["drafted"], spec["partial"]) == (2, 1, 6, False)
     assert spec["mean_accepted_tokens"] == pytest.approx(1.5)
-    assert dec.closed == 1  # the decoder's generator was closed: nobody needed the rest
-    assert metrics.drafted.total() == 0 and metrics.verify_steps.total() == 2
+    assert dec.cancelled == [a.id]  # its row left the batch; the other ran to its end
+    assert metrics.drafted.total() == 6 + 15 and metrics.verify_steps.total() == 2 + 5
+
+
+def test_jobs_arriving_mid_batch_join_the_running_batch():
+    dec = ScriptedDecoder({1: [[1]] * 6, 3: [[3]] * 2, 5: [[4]] * 2, 7: [[5]] * 2})
+    sched, metrics = _scheduler(dec, max_batch_size=2)
+    sink = queue.Queue()
+    first = _job([1], sink)
+    late = [_job([3], sink), _job([5], sink), _job([7], sink, temperature=0.5)]
+    real_step = ScriptedSession.step
+
+    def step(self):
+        if dec.steps == 1:  # after the first step: three requests arrive
+            sched.submit(late)
+        return real_step(self)
+
+    ScriptedSession.step = step
+    try:
+        sched.run_batch([first])
+    finally:
+        ScriptedSession.step = real_step
+    # the two greedy late jobs joined the running batch one at a time (max 2 rows); the sampled one
+    # has another key: it waits for its own batch
+    assert dec.sessions == [[[1], [3], [5]]]
+    out = _drain(sink)
+    assert all(out[k][-1][0] == "done" for k in (1, 3, 5)) and 7 not in out
+    assert sched.queue_depth() == 1 and metrics.batch_size.count == 3
 
 
 def test_cancelled_job_gets_nothing_and_decoder_failure_fails_the_rest():
@@ -144,7 +189,7 @@ def test_cancelled_job_gets_nothing_and_decoder_failure_fails_the_rest():
     sched.run_batch([a, b])
     out = _drain(sink)
     assert 3 not in out  # cancelled before its batch: never decoded, never told
-    assert dec.batches == [[[1]]]
+    assert dec.sessions == [[[1]]]
     assert out[1][-1][0] == "error" and out[1][-1][1] == 500 and "device lost" in out[1][-1][3]
 
 
