@@ -221,6 +221,8 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
         validate_args(k=collect.k, max_new_tokens=collect.max_new_tokens, temperature=collect.temperature,
                       batch_size=collect.batch_size, shard=None, engine="hf")
     ds_config = parallel.load_deepspeed_config(deepspeed)
+    if ds_config is not None:  # a batch setting that contradicts the run fails here, not after the baseline
+        parallel.deepspeed_settings(ds_config, cfg.batch_size, max(1, parallel.world_size_from_env()), cfg.grad_clip)
     # 2. models exist here
     _check_available(target, "target")
     for d in drafts:
@@ -235,7 +237,7 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
         check_tokenizers(target_tok, load_tokenizer(d)).require_shared_vocab(
             f"distilling draft {d!r} toward target {target!r}")
 
-    dist = parallel.init_distributed(device)
+    dist = parallel.init_distributed(device, single_process_group=ds_config is not None)
     main = dist is None or dist.is_main
     device = parallel.rank_device(dist, device)
     out = Path(out)
@@ -399,7 +401,9 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
                   "steps": result.steps, "lr": cfg.learning_rate, "batch_size": cfg.batch_size,
                   "lora_rank": cfg.lora_rank, "on_policy": cfg.on_policy, "acceptance_head": cfg.acceptance_head,
                   "onpolicy_steps": result.onpolicy_steps, "positions_seen": result.positions_seen,
-                  "world_size": dist.world_size if dist else 1, "train_seconds": round(result.seconds, 2),
+                  "world_size": dist.world_size if dist else 1,
+                  "deepspeed_zero_stage": (run.ds_config.get("zero_optimization") or {}).get("stage", 0)
+                  if run.ds_config is not None else None, "train_seconds": round(result.seconds, 2),
                   "weights_sha256": result.weights_sha256}
     summary = {"name": label, "path": str(draft_dir), "candidate": str(cand_path), "metrics": metrics,
                "provenance": provenance, "resumed_from": result.resumed_from}

@@ -154,7 +154,10 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None) ->
                           f"({', '.join(LORA_TARGET_MODULES)})")
     cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    from dspark.contain import third_party_contained
+
+    with third_party_contained():  # peft imports gptqmodel when installed: a banner on stdout, env changes
+        return get_peft_model(model, cfg)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -230,10 +233,11 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
     """Train `model` (a float32 HF causal LM) on `cache`; resume from `checkpoint_dir` if it holds a
     checkpoint of the same run (same `run_identity` and settings), else start fresh there.
 
-    `deepspeed_config` (validated by `parallel.load_deepspeed_config`): the forward module and AdamW
-    go through `deepspeed.initialize` (ZeRO 0-2). ZeRO partitions the optimizer state across ranks,
-    so its checkpoints hold the weights and the step only; a resumed DeepSpeed run restarts the
-    Adam moments (logged). Not exercised by the test suite (deepspeed is not installed there)."""
+    `deepspeed_config` (validated by `parallel.load_deepspeed_config`; needs a process group, even
+    of one: `parallel.init_distributed(..., single_process_group=True)`): the forward module and
+    AdamW go through `deepspeed.initialize` (ZeRO 0-2). ZeRO partitions the optimizer state across
+    ranks, so its checkpoints hold the weights and the step only; a resumed DeepSpeed run restarts
+    the Adam moments (logged)."""
     validate_config(cfg)
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -289,11 +293,13 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
     train_head = HeadLogits(head) if head is not None else None
     engine = None
     if deepspeed_config is not None:
-        import deepspeed
+        from dspark.distill.parallel import deepspeed_initialize, deepspeed_settings
 
-        ds_cfg = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": cfg.grad_clip, **deepspeed_config}
-        engine, optimizer, _, _ = deepspeed.initialize(model=forward, optimizer=optimizer, config=ds_cfg)
+        if not torch.distributed.is_initialized():
+            raise DsparkError("training with a DeepSpeed config needs a process group, even for one process: call "
+                              "dspark.distill.parallel.init_distributed(device, single_process_group=True) first")
+        ds_cfg = deepspeed_settings(deepspeed_config, cfg.batch_size, world, cfg.grad_clip)
+        engine, optimizer = deepspeed_initialize(forward, optimizer, ds_cfg, str(device))
         train_fwd = engine
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

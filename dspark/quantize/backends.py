@@ -15,8 +15,11 @@ loads such a folder back (`load`). Which checkpoint format each one writes, and 
 - `bitsandbytes` (int8 = LLM.int8, nf4): transformers' integration (`BitsAndBytesConfig`);
   `model.safetensors` + `quantization_config`, loads with plain transformers. Runs on CPU with
   bitsandbytes 0.50 (slowly: its CPU int8 matmul casts to float16).
-- `gptqmodel` (gptq4: GPTQ 4-bit with calibration text): GPTQModel's own save format
-  (`quantization_config.quant_method == "gptq"`), loaded through `GPTQModel.load`.
+- `gptqmodel` (gptq4: GPTQ 4-bit with calibration text; runs on CPU with gptqmodel 7.6.0):
+  GPTQModel's own save format (`quantization_config.quant_method == "gptq"`), loaded through
+  `GPTQModel.load`; its layers are packed `qweight` modules, not nn.Linear. gptqmodel prints its
+  banner and progress to stdout and sets allocator variables on import: both are contained
+  (`dspark.contain`).
 
 Tied input/output embeddings stay tied and unquantized in every backend (quantizing the output
 head would untie it and store the vocabulary matrix twice).
@@ -253,26 +256,34 @@ class GptqModelBackend:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
 
     def quantize(self, request: QuantRequest) -> None:
+        from dspark.contain import third_party_contained
+
         self._cpu_workers()
-        try:
-            from gptqmodel import GPTQModel, QuantizeConfig
-        except ImportError as e:
-            raise _import_error(self, e) from None
         if not request.calibration:
             raise DsparkError("gptq4 needs calibration text: pass --calibration TASK_OR_DATA")
         cfg = json.loads((request.source / "config.json").read_text(encoding="utf-8"))
         group = int(request.options.get("group_size") or gptq_group_size(cfg))
-        model = GPTQModel.load(str(request.source), QuantizeConfig(bits=4, group_size=group), device=request.device)
-        model.quantize(list(request.calibration), batch_size=1)
-        model.save(str(request.out))
+        # gptqmodel logs its banner and progress to stdout, where dspark prints --json
+        with third_party_contained():
+            try:
+                from gptqmodel import GPTQModel, QuantizeConfig
+            except ImportError as e:
+                raise _import_error(self, e) from None
+            model = GPTQModel.load(str(request.source), QuantizeConfig(bits=4, group_size=group),
+                                   device=request.device)
+            model.quantize(list(request.calibration), batch_size=1)
+            model.save(str(request.out))
 
     def load(self, folder: Path, device: str, dtype):
+        from dspark.contain import third_party_contained
+
         self._cpu_workers()
-        try:
-            from gptqmodel import GPTQModel
-        except ImportError as e:
-            raise _import_error(self, e) from None
-        return GPTQModel.load(str(folder), device=device).model.eval()
+        with third_party_contained():
+            try:
+                from gptqmodel import GPTQModel
+            except ImportError as e:
+                raise _import_error(self, e) from None
+            return GPTQModel.load(str(folder), device=device).model.eval()
 
 
 def gptq_group_size(config: dict, preferred: int = 128) -> int:

@@ -67,12 +67,21 @@ def is_plain_linear(module) -> bool:
     return type(w) in (torch.Tensor, torch.nn.Parameter) and type(w.data) is torch.Tensor and w.is_floating_point()
 
 
-def has_quantized_linears(model) -> bool:
-    """True when any linear layer of `model` is quantized (see `is_plain_linear`). Code that reads
-    `.weight` as a dense matrix (fusing projections, say) must not run on such a model."""
+def is_quantized_linear(module) -> bool:
+    """A quantized linear layer: an nn.Linear that is not plain (quanto, bitsandbytes, torchao; see
+    `is_plain_linear`), or a packed-weight module that is no nn.Linear at all (GPTQ kernels such as
+    gptqmodel's TorchAtenLinear hold `qweight` and have no `.weight`)."""
     import torch
 
-    return any(isinstance(m, torch.nn.Linear) and not is_plain_linear(m) for m in model.modules())
+    if isinstance(module, torch.nn.Linear):
+        return not is_plain_linear(module)
+    return hasattr(module, "qweight")
+
+
+def has_quantized_linears(model) -> bool:
+    """True when any linear layer of `model` is quantized (see `is_quantized_linear`). Code that
+    reads `.weight` as a dense matrix (fusing projections, say) must not run on such a model."""
+    return any(is_quantized_linear(m) for m in model.modules())
 
 
 def _leaves(t) -> list:
@@ -143,6 +152,8 @@ def draft_tokenizer(name_or_path: str):
 
 def count_parameters(model) -> int:
     """Logical parameter count (a quantized weight counts its full shape, tied weights once)."""
+    import torch
+
     seen: set[int] = set()
     n = 0
     for p in model.parameters():
@@ -152,6 +163,13 @@ def count_parameters(model) -> int:
         state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit packs two weights per byte
         shape = getattr(state, "shape", None) if state is not None else None
         n += int(torch_prod(shape)) if shape is not None else p.numel()
+    # GPTQ layers keep their packed weight (and bias) as buffers, not parameters
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear) and is_quantized_linear(m):
+            n += int(getattr(m, "in_features", 0)) * int(getattr(m, "out_features", 0))
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor) and not isinstance(bias, torch.nn.Parameter):
+                n += bias.numel()
     return n
 
 

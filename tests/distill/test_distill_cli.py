@@ -171,7 +171,10 @@ def test_bad_options_fail_before_work(tmp_path, extra, match):
     assert match in text and not out.exists()
 
 
-def test_deepspeed_without_deepspeed_names_the_train_extra(tmp_path):
+def test_deepspeed_without_deepspeed_names_the_train_extra(tmp_path, monkeypatch):
+    from dspark.distill import parallel
+
+    monkeypatch.setattr(parallel, "deepspeed_installed", lambda: False)  # whether or not it is installed here
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     out = tmp_path / "run"

@@ -119,28 +119,46 @@ def test_torchao_int8_loads_with_plain_transformers(tmp_path, source):
 @pytest.mark.skipif(not have("bitsandbytes"), reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_bitsandbytes(tmp_path, source, method):
-    from dspark.quantize.loading import load_draft
+    from dspark.quantize.loading import has_quantized_linears, load_draft
 
     out = tmp_path / method
     r = quantize_draft(out, QuantizeOptions(method=method, backend="bitsandbytes"), draft=DRAFT)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
     q = load_draft(str(out))
-    assert r.memory_bytes < r.memory_bytes_before
+    assert r.memory_bytes < r.memory_bytes_before and r.disk_bytes < r.disk_bytes_before
+    assert has_quantized_linears(q.model)
     d, ids = source
-    assert (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item() < 1.0
+    assert 0 < (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item() < 1.0
     _lossless(q.model)
 
 
 @pytest.mark.skipif(not have("gptqmodel"), reason="gptqmodel is not installed")
-def test_gptq4_with_calibration(tmp_path, source):
-    from dspark.quantize.loading import load_draft
+def test_gptq4_with_calibration(tmp_path, source, capsys):
+    import os
+
+    from dspark.quantize.loading import count_parameters, has_quantized_linears, load_draft
 
     out = tmp_path / "gptq"
-    r = quantize_draft(out, QuantizeOptions(method="gptq4", calibration="code", calibration_samples=8), draft=DRAFT)
-    assert r.backend == "gptqmodel" and r.candidate.provenance.calibration_samples == 8
+    env = {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")}
+    r = quantize_draft(out, QuantizeOptions(method="gptq4", calibration="code", calibration_samples=8, target=TARGET,
+                                            **GUARD), draft=DRAFT)
+    # gptqmodel's banner and progress log go to stderr (stdout carries --json), its env changes are undone
+    assert capsys.readouterr().out == ""
+    assert {k: os.environ.get(k) for k in env} == env
+    assert r.backend == "gptqmodel" and r.backend_reason == "the only gptq4 backend on cpu"
+    assert r.candidate.provenance.calibration_samples == 8
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and B.checkpoint_backend(out) == "gptqmodel"
+    assert r.disk_bytes < r.disk_bytes_before and r.memory_bytes < r.memory_bytes_before
+    assert r.verdict is not None and r.verdict.passed and r.candidate.measured.guard_positions == 2 * 8
     q = load_draft(str(out))
-    _lossless(q.model)
+    assert has_quantized_linears(q.model) and q.tokenizer_size == source[0].tokenizer_size
+    d, ids = source
+    # the packed layers are buffers: still counted at their logical size
+    assert r.candidate.measured.parameters == count_parameters(d.model) == count_parameters(q.model)
+    assert 0 < (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item() < 1.0
+    _lossless(q.model)  # the fused fast path must not read GPTQ's packed layers as dense weights
 
 
 # -- the guard on a deliberately broken "quantization" -------------------------------------------------------
