@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-window-ms", type=float, default=10.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server (default: torch's).")
     ap.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take.")
     ap.add_argument("--json", action="store_true", help="Print the results as JSON.")
     ap.add_argument("--strict", action="store_true", help="Exit 1 when the goal is missed or a request fails.")
@@ -120,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     from dspark.serve.app import create_app
-    from dspark.serve.runner import start_in_thread
+    from dspark.serve.runner import set_threads, start_in_thread
     from dspark.serve.runtime import runtime_from_bundle
     from dspark.tasks import resolve_prompts
 
     log = (lambda m: print(m, file=sys.stderr, flush=True))
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="dspark-bench-serve-") as tmp:
         bundle = args.bundle
         if bundle is None:
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     met = ratio is not None and ratio >= GOAL_RATIO
     result = {"bundle": str(args.bundle) if args.bundle else f"{args.target} + {args.draft} (temp)",
               "policy": runtime.policy, "device": args.device, "dtype": args.dtype,
+              "threads": __import__("torch").get_num_threads(),
               "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
               "single": one, "concurrent": many, "ratio": ratio, "goal_ratio": GOAL_RATIO, "goal_met": met}
     if args.json:

@@ -680,6 +680,12 @@ class DecodeSession:
         self.gen_counts.append(0)
         self.started.append(time.perf_counter())
         self.draft_ok.append(ok)
+        if hasattr(pol, "inherit_costs"):
+            for r in self.rows:  # forward costs are the batch's: learn them from a running row
+                other = self.policies[r]
+                if type(other) is type(pol):
+                    pol.inherit_costs(other)
+                    break
         # prefill everything but the last prompt token (it is fed, as the pending token, by the first
         # step), alone: a padded batch prefill would compute the padding too
         t_one = _Slots(dec.target, 1)

@@ -229,6 +229,15 @@ class GoodputPolicy:
             total += reach
         return total
 
+    def inherit_costs(self, other: "GoodputPolicy") -> None:
+        """Start from another request's measured forward costs (a row joining a running batch: the
+        costs are the batch's, and without them the first step would draft `initial_k` for the whole
+        batch). Acceptance stays this request's own."""
+        if other.draft_cost is not None and self.draft_cost is None and not self.verify_costs:
+            self.draft_cost = other.draft_cost
+            self.verify_costs = dict(other.verify_costs)
+            self.rows = other.rows
+
     def rates(self) -> list[float]:
         """Expected tokens per second for K = 0..k_max (needs measured costs)."""
         b = self.rows
@@ -305,6 +314,9 @@ class LearnedPolicy:
 
     def observe(self, feedback: StepFeedback) -> None:
         self.cap.observe(feedback)
+
+    def inherit_costs(self, other) -> None:
+        self.cap.inherit_costs(getattr(other, "cap", other))
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,19 @@ def test_goodput_prefers_fewer_drafts_when_verification_width_is_expensive():
                 pol.observe(StepFeedback(drafted=w - 1, accepted=int(0.8 * (w - 1)), draft_forwards=w - 1,
                                          draft_s=0.0005 * (w - 1), verify_s=0.01 + slope * w, verify_width=w))
     assert cheap.plan().max_tokens > steep.plan().max_tokens
+
+
+def test_a_joining_request_inherits_measured_costs_but_not_acceptance():
+    running = GoodputPolicy()
+    for _ in range(10):
+        running.observe(StepFeedback(drafted=4, accepted=4, draft_forwards=4, draft_s=0.004, verify_s=0.01,
+                                     verify_width=5, batch_rows=4))
+    new = GoodputPolicy()
+    assert new.plan().max_tokens == 4  # cold: the initial guess
+    new.inherit_costs(running)
+    assert new.draft_cost == running.draft_cost and new.verify_costs == running.verify_costs and new.rows == 4
+    assert new.accepted == 0 and new.acceptance == pytest.approx(0.6)  # its own acceptance: the prior
+    assert new.plan().max_tokens == new.choose_k()
+    learned = LearnedPolicy()
+    learned.inherit_costs(running)
+    assert learned.cap.draft_cost == running.draft_cost

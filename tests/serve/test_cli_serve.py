@@ -32,7 +32,7 @@ def test_serve_bundle_process_enforces_api_key(serve_bundle_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("DSPARK_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "dspark", "serve-bundle", str(serve_bundle_dir), "--port", "0",
-                             "--api-key", "s3cret", "--device", "cpu", "--dtype", "float32"],
+                             "--api-key", "s3cret", "--device", "cpu", "--dtype", "float32", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
@@ -86,3 +86,5 @@ def test_serve_bundle_cli_errors(tmp_path, serve_bundle_dir):
     assert res.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in res.output
     res = runner.invoke(app, ["serve-bundle", str(serve_bundle_dir), "--max-batch-size", "0", "--port", "0"])
     assert res.exit_code == 2 and "--max-batch-size must be >= 1" in res.output
+    res = runner.invoke(app, ["serve-bundle", str(serve_bundle_dir), "--threads", "0", "--port", "0"])
+    assert res.exit_code == 2 and "--threads must be >= 1, got 0" in res.output
