@@ -34,4 +34,4 @@ demo: install
 	$(PY) -m dspark quickstart
 
 test: install-dev
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15

@@ -64,7 +64,7 @@ class Budget:
 
 FULL = Budget(collect_prompts=64, collect_tokens=64, top_k=64, distill_steps=100, distill_batch=8,
               distill_eval_prompts=4, distill_eval_tokens=32, select_prompts=10, select_tokens=48,
-              select_ks=(2, 4), select_cost_reps=5, select_batch=8, guard_prompts=8, guard_tokens=32,
+              select_ks=(1, 2, 4), select_cost_reps=5, select_batch=8, guard_prompts=8, guard_tokens=32,
               request_tokens=48)
 FAST = Budget(collect_prompts=8, collect_tokens=16, top_k=16, distill_steps=2, distill_batch=4,
               distill_eval_prompts=1, distill_eval_tokens=8, select_prompts=2, select_tokens=8,
@@ -336,8 +336,11 @@ def _check_models() -> None:
 def _select_config(budget: Budget):
     from dspark.select.measure import SelectConfig
 
+    # one thread: the built-in models gain nothing from a second one at batch 1, and on a busy
+    # 2-core machine a preempted OpenMP thread makes every op wait (the timings, and so the ranking,
+    # become noise: measured c of one architecture varied 0.28 vs 0.53 between blocks with 2 threads)
     return SelectConfig(n=budget.select_prompts, max_new_tokens=budget.select_tokens, ks=budget.select_ks,
-                        cost_reps=budget.select_cost_reps, batch_size=budget.select_batch)
+                        cost_reps=budget.select_cost_reps, batch_size=budget.select_batch, threads=1)
 
 
 def _run_select(files: list[Path], config, out: Path, device: str, console) -> dict[str, Any]:

@@ -84,6 +84,27 @@ def _fmt(v) -> str:
 def model_card(m: "BundleManifest") -> str:
     """README.md: what the pair is, the numbers, and how to serve it three ways."""
     t, d, p = m.target, m.draft, m.policy
+    cross = d.tokenizer == "different"
+    if cross:
+        tok_line = (f"Target tokenizer sha256: `{t.tokenizer_sha256}`; the draft has its own tokenizer (in "
+                    f"`{DRAFT_DIR}/`, sha256 `{d.tokenizer_sha256}`): dspark decodes the pair cross-tokenizer "
+                    "(greedy through text re-tokenization, sampling through the shared-token intersection). "
+                    f"Acceptance head: {'yes' if d.acceptance_head else 'no'}.")
+    else:
+        tok_line = (f"Tokenizer sha256 (shared): `{t.tokenizer_sha256}`. Acceptance head: "
+                    f"{'yes' if d.acceptance_head else 'no'}.")
+    engines = [
+        f"vLLM, from inside this folder (`{VLLM_FILE}` holds the arguments):",
+        "",
+        "```bash",
+        vllm_serve_command(m),
+        "```",
+        "",
+        f"SGLang: `./{SGLANG_FILE}` (STANDALONE speculative decoding with this draft).",
+    ] if not cross else [
+        "vLLM and SGLang: not applicable (their draft models must share the target's vocabulary), so this "
+        f"bundle has no `{VLLM_FILE}` / `{SGLANG_FILE}`.",
+    ]
     lines = [
         f"# {m.name}: a speculative-decoding draft for {t.name}",
         "",
@@ -101,13 +122,14 @@ def model_card(m: "BundleManifest") -> str:
         f"{d.parameters if d.parameters is not None else '?'} parameters, quantization {d.quantization}) | "
         f"weights sha256 {d.weight_sha256} |",
         "",
-        f"Tokenizer sha256 (shared): `{t.tokenizer_sha256}`. Acceptance head: {'yes' if d.acceptance_head else 'no'}.",
+        tok_line,
         "",
         "## Decoding policy",
         "",
         f"- dspark draft length: `{p.draft_length}` ({p.kind}"
         f"{''.join(f', {k}={_fmt(v)}' for k, v in p.params.items())})",
-        f"- fixed K for vLLM / SGLang: {p.num_speculative_tokens} ({p.num_speculative_tokens_source})",
+        f"- fixed K for vLLM / SGLang: {p.num_speculative_tokens} ({p.num_speculative_tokens_source})"
+        + (" (not used: cross-tokenizer pair)" if cross else ""),
         "",
         "## Measured",
         "",
@@ -134,13 +156,7 @@ def model_card(m: "BundleManifest") -> str:
         "dspark serve-bundle . --port 8000",
         "```",
         "",
-        f"vLLM, from inside this folder (`{VLLM_FILE}` holds the arguments):",
-        "",
-        "```bash",
-        vllm_serve_command(m),
-        "```",
-        "",
-        f"SGLang: `./{SGLANG_FILE}` (STANDALONE speculative decoding with this draft).",
+        *engines,
         "",
         "## Versions",
         "",

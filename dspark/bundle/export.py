@@ -226,7 +226,12 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
     log(f"checking tokenizers of {t_name} and {d_name}")
     t_tok, d_tok = load_tokenizer(t_name), load_tokenizer(str(d_dir))
     compat = check_tokenizers(t_tok, d_tok, _vocab_size(t_cfg), _vocab_size(d_cfg))
-    compat.require_shared_vocab("a bundle")
+    if not compat.compatible:
+        from dspark.decode.tokenmap import tokenizer_kind
+
+        tokenizer_kind(d_tok)  # a draft tokenizer cross-tokenizer decoding cannot use is refused here
+        tokenizer_kind(t_tok)
+        log(f"{compat.message}: the bundle ships the draft's own tokenizer and is decoded cross-tokenizer")
 
     log(f"checking weight names of {d_name}")
     d_keys = check_weight_keys(d_dir, f"draft {d_name!r}")
@@ -274,7 +279,8 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
             name=d_name, source=str(d_dir), architecture=_architecture(d_cfg), parameters=d_params,
             vocab_size=_vocab_size(d_cfg), context_length=d_cfg.get("max_position_embeddings"),
             tokenizer_sha256=tokenizer_hash(d_tok), weight_sha256=safetensors_hash(tmp / DRAFT_DIR),
-            weight_files=[f.name for f in d_files], acceptance_head=has_head, quantization=quant)
+            weight_files=[f.name for f in d_files], acceptance_head=has_head, quantization=quant,
+            tokenizer=compat.mode.value)
         sel_ref = None
         if spec is not None and sel_path is not None:
             shutil.copyfile(sel_path, tmp / SELECTION_COPY)
@@ -285,8 +291,12 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             target=target_ref, draft=draft_info, policy=policy, metrics=metrics, selection=sel_ref,
             versions=library_versions(), files={})
-        atomic_write_json(tmp / VLLM_FILE, engines.vllm_config(manifest))
-        atomic_write_text(tmp / SGLANG_FILE, engines.sglang_script(manifest))
+        if compat.compatible:  # vLLM's and SGLang's draft-model speculation needs one shared vocabulary
+            atomic_write_json(tmp / VLLM_FILE, engines.vllm_config(manifest))
+            atomic_write_text(tmp / SGLANG_FILE, engines.sglang_script(manifest))
+        else:
+            notes.append("no vllm.json / sglang.sh: vLLM and SGLang draft models must share the target's "
+                         "vocabulary; serve this cross-tokenizer pair with `dspark serve-bundle`")
         atomic_write_text(tmp / README_FILE, engines.model_card(manifest))
         _make_shareable(tmp)
         log("hashing the bundle's files")

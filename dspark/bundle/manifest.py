@@ -7,6 +7,8 @@ A bundle is a folder:
     BUNDLE/target/              only with --include-target: a copy of a small local target
     BUNDLE/vllm.json            vLLM engine arguments (speculative_config with method "draft_model")
     BUNDLE/sglang.sh            SGLang launch command (--speculative-algorithm STANDALONE)
+                                (both only when the draft shares the target's vocabulary: a draft with its
+                                own tokenizer, `draft.tokenizer: different`, is served by dspark alone)
     BUNDLE/README.md            model card with the measured numbers
 
 `files` maps every other file's bundle-relative POSIX path to its sha256 and size, so a missing, extra
@@ -119,6 +121,9 @@ class DraftInfo(StrictModel):
     weight_files: list[str]
     acceptance_head: bool = False
     quantization: str = "none"
+    # dspark.models.compat mode of (target, draft): "different" means the draft ships its own tokenizer
+    # (in draft/) and is decoded cross-tokenizer (dspark.decode.cross)
+    tokenizer: Literal["same", "same-padded", "different"] = "same"
 
 
 class DecodingPolicy(StrictModel):

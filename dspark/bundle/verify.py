@@ -8,7 +8,8 @@ Checks, in order (the first failure raises DsparkError naming the file, key or t
 4. target identity: the target found here has the recorded revision / weight hash, and both
    tokenizers have the recorded fingerprints;
 5. decode: one prompt decoded greedily by the pair (dspark's speculative decoder, the bundle's
-   policy) equals a plain greedy loop over the target alone, token for token.
+   policy; cross-tokenizer when the draft has its own tokenizer) equals a plain greedy loop over the
+   target alone, token for token.
 """
 
 from __future__ import annotations
@@ -131,12 +132,17 @@ def greedy_reference(model, prompt_ids: Sequence[int], max_new_tokens: int, voca
 
 
 def load_pair(bundle: Path, manifest: BundleManifest, device: str = "cpu", dtype: str = "float32"):
-    """(target LoadedModel, draft LoadedModel), checked: shared vocabulary, recorded tokenizers."""
+    """(target LoadedModel, draft LoadedModel), checked: the recorded tokenizers, and the tokenizer
+    relation the manifest records (a draft with its own tokenizer is decoded cross-tokenizer)."""
     from dspark.models import check_pair, load_model, tokenizer_hash
 
     target = load_model(target_source(bundle, manifest), device=device, dtype=dtype)
     draft = load_model(str(bundle / DRAFT_DIR), device=device, dtype=dtype)
-    check_pair(target, draft).require_shared_vocab("the bundle's pair")
+    compat = check_pair(target, draft)
+    recorded = manifest.draft.tokenizer
+    if (compat.mode.value == "different") != (recorded == "different"):
+        raise DsparkError(f"the bundle records draft tokenizer {recorded!r} but the pair found here is "
+                          f"{compat.mode.value!r} ({compat.message})")
     for what, loaded, recorded in (("target", target, manifest.target.tokenizer_sha256),
                                    ("draft", draft, manifest.draft.tokenizer_sha256)):
         found = tokenizer_hash(loaded.tokenizer)
@@ -165,10 +171,10 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
 
     log(f"loading the target ({identity['source']}) and the draft")
     target, draft = load_pair(bundle, manifest, device, dtype)
-    from dspark.decode import GenerationConfig, SpeculativeDecoder
+    from dspark.decode import GenerationConfig, make_decoder
 
-    decoder = SpeculativeDecoder(target.model, draft.model, target.tokenizer,
-                                 draft_length=manifest.policy.draft_length, draft_tokenizer=draft.tokenizer)
+    decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
+                           draft_tokenizer=draft.tokenizer)
     ids = target.tokenizer(prompt)["input_ids"]
     if not ids:
         raise DsparkError(f"prompt {prompt!r} encodes to no tokens")
@@ -189,6 +195,7 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
                   "acceptance_head": manifest.draft.acceptance_head},
         "decode": {"prompt": prompt, "tokens": result.token_ids, "text": target.tokenizer.decode(result.token_ids),
                    "equal_to_target": True, "draft_length": manifest.policy.draft_length,
+                   "mode": getattr(decoder, "mode", "same-tokenizer"),
                    "drafted": st.drafted, "accepted": st.accepted, "acceptance_rate": st.acceptance_rate,
                    "mean_accepted_tokens": st.mean_accepted_tokens},
     }

@@ -64,6 +64,7 @@ from dspark.decode.constraints import TokenConstraint, fit_mask
 from dspark.decode.fastpath import KVBuffer, LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
 from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
+from dspark.decode.requests import check_constraints, check_prompts, make_policies, per_prompt_configs
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
 from dspark.decode.verify import check_same_tokenizer, common_vocab_size, verify_greedy, verify_sampling
@@ -453,45 +454,13 @@ class SpeculativeDecoder:
         return head.to(device=self.device, dtype=torch.float32).eval()
 
     def _policies(self, draft_length, n: int) -> list[DraftLengthPolicy]:
-        if draft_length is None:
-            factories = [self.policy_factory] * n
-        elif isinstance(draft_length, (list, tuple)):
-            if len(draft_length) != n:
-                raise DsparkError(f"got {len(draft_length)} draft lengths for {n} prompts")
-            factories = [parse_draft_length(d) for d in draft_length]
-        else:
-            factories = [parse_draft_length(draft_length)] * n
-        for f in set(factories):
-            f.check(self.policy_context)
-        return [f(self.policy_context) for f in factories]
+        return make_policies(self.policy_factory, self.policy_context, draft_length, n)
 
     def _check_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise DsparkError("prompts must be a list of token-id lists")
-        out = []
-        ctx = self.target.max_positions
-        for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor):
-                p = p.reshape(-1).tolist()
-            p = list(p)
-            if not p:
-                raise DsparkError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-            if len(p) >= ctx:
-                raise DsparkError(f"prompt {i} has {len(p)} tokens; the target's context is {ctx} tokens, "
-                                  f"so a prompt may have at most {ctx - 1}")
-            bad = [t for t in p if not isinstance(t, int) or t < 0 or t >= self.embed_limit]
-            if bad:
-                raise DsparkError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {self.embed_limit})")
-            out.append(p)
-        return out
+        return check_prompts(prompts, self.target.max_positions, self.embed_limit)
 
     def _configs(self, config, n: int) -> list[GenerationConfig]:
-        if isinstance(config, GenerationConfig):
-            return [config] * n
-        configs = list(config)
-        if len(configs) != n:
-            raise DsparkError(f"got {len(configs)} generation configs for {n} prompts")
-        return configs
+        return per_prompt_configs(config, n)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -525,14 +494,7 @@ class SpeculativeDecoder:
         n = len(prompts)
         configs = self._configs(config, n)
         policies = self._policies(draft_length, n)
-        if constraints is None:
-            constraints = [None] * n
-        constraints = list(constraints)
-        if len(constraints) != n:
-            raise DsparkError(f"got {len(constraints)} constraints for {n} prompts")
-        for i, c in enumerate(constraints):
-            if c is not None and not isinstance(c, TokenConstraint):
-                raise DsparkError(f"constraint {i} ({type(c).__name__}) lacks allowed/advance/rollback/is_finished")
+        constraints = check_constraints(constraints, n)
         if batch_size is not None and batch_size < 1:
             raise DsparkError(f"batch_size must be >= 1, got {batch_size}")
         bs = batch_size or max(n, 1)
@@ -645,7 +607,7 @@ class DecodeSession:
         prompts = dec._check_prompts(prompts)
         n = len(prompts)
         configs = dec._configs(configs, n)
-        constraints = [None] * n if constraints is None else list(constraints)
+        constraints = check_constraints(constraints, n)
         policies = dec._policies(None, n) if policies is None else list(policies)
         if row_ids is None:
             row_ids = list(range(len(self.prompts), len(self.prompts) + n))

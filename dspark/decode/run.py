@@ -2,8 +2,9 @@
 
 Every user mistake is a one-line DsparkError, found before any model loads where it can be:
 generation settings, the draft-length form, the grammar (its file is read and compiled first),
-the prompts file. Loading and pairing come next (a missing model, incompatible tokenizers), and
-prompt length last (it needs the tokenizer and the target's context).
+the prompts file. Loading and pairing come next (a missing model; a draft with another tokenizer is
+decoded cross-tokenizer, dspark.decode.cross), and prompt length last (it needs the tokenizer and the
+target's context).
 
 Draft defaults (`DEFAULT_DRAFTS`, an explicit registry): the built-in target `tiny-code` decodes
 with `tiny-code-draft-s` when no `--draft` is given; any other target needs `--draft D` or
@@ -27,8 +28,9 @@ DEFAULT_DRAFTS: dict[str, str] = {"tiny-code": "tiny-code-draft-s"}
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 
 # The per-prompt stats `generate --json` prints (DecodeStats property / field names).
+# `mode`: "same-tokenizer" or "cross-tokenizer" (a draft with another tokenizer; counts in target tokens).
 STATS_FIELDS = ("target_forwards", "drafted", "accepted", "acceptance_rate", "mean_accepted_tokens",
-                "tokens_per_s")
+                "tokens_per_s", "mode")
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -136,8 +138,8 @@ class Pair:
 
 
 def load_pair(target: str, draft: str | None, device: str = "auto", dtype: str = "auto") -> Pair:
-    """Load both models on one device and dtype; IncompatibleTokenizersError when the draft's token
-    ids do not mean the target's."""
+    """Load both models on one device and dtype, with their tokenizer compatibility: a draft with
+    another tokenizer is decoded cross-tokenizer (dspark.decode.cross), so no pairing is refused here."""
     from dspark.models import check_pair, load_model
 
     with quiet_transformers():
@@ -145,16 +147,15 @@ def load_pair(target: str, draft: str | None, device: str = "auto", dtype: str =
         if draft is None:
             return Pair(t, None, None)
         d = load_model(draft, device=t.device, dtype=t.dtype)
-    compat = check_pair(t, d).require_shared_vocab(f"speculative decoding of {t.name} with draft {d.name}")
-    return Pair(t, d, compat)
+    return Pair(t, d, check_pair(t, d))
 
 
 def build_decoder(pair: Pair, draft_length: str = "auto"):
-    from dspark.decode.engine import SpeculativeDecoder
+    """The decoder the pair's tokenizers allow (dspark.decode.factory.make_decoder)."""
+    from dspark.decode.factory import make_decoder
 
-    return SpeculativeDecoder(pair.target.model, pair.draft.model if pair.draft else None,
-                              pair.target.tokenizer, draft_length,
-                              draft_tokenizer=pair.draft.tokenizer if pair.draft else None)
+    return make_decoder(pair.target.model, pair.draft.model if pair.draft else None, pair.target.tokenizer,
+                        draft_length, draft_tokenizer=pair.draft.tokenizer if pair.draft else None)
 
 
 # -- reporting --------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ class DecodeStats:
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
     total_time_s: float = 0.0
+    # how drafts were verified: "same-tokenizer" (draft ids are target ids) or "cross-tokenizer"
+    # (dspark.decode.cross: drafts re-tokenized through text; drafted / accepted count target tokens)
+    mode: str = "same-tokenizer"
 
     @property
     def acceptance_rate(self) -> float:
@@ -98,6 +101,9 @@ class DecodeStats:
 
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         out = DecodeStats()
+        # an empty accumulator (DecodeStats()) takes the mode of what is merged into it
+        empty = not (self.verify_steps or self.generated or self.target_forwards)
+        out.mode = other.mode if empty or self.mode == other.mode else "mixed"
         for name in ("target_forwards", "draft_forwards", "verify_steps", "drafted", "accepted",
                      "recovered", "bonus", "generated", "prompt_tokens", "target_time_s",
                      "draft_time_s", "total_time_s"):

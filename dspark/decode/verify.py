@@ -18,7 +18,9 @@ may still have different embedding sizes (padded vocabularies, e.g. 32000 vs 320
 slices both logits to `common_vocab_size` (the tokenizer's length, or the smaller model size) before
 warping. Ids at or above it exist in no tokenizer and are never emitted; this renormalises the
 target over real tokens, which only differs from the raw model if it puts mass on padding rows.
-Models with different tokenizers are refused (`check_same_tokenizer`).
+SpeculativeDecoder refuses models with different tokenizers (`check_same_tokenizer`); such pairs go
+through dspark.decode.cross (make_decoder picks it), which verifies with these same functions in the
+target's vocabulary.
 
 Rows past their own `num_drafts` (the batch drafts max_i k_i tokens for every row) are ignored, so
 a row's result depends only on its own drafts.
@@ -154,7 +156,8 @@ def common_vocab_size(target_vocab: int, draft_vocab: int | None = None, tokeniz
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
     """Raise IncompatibleTokenizersError unless both tokenizers map the same strings to the same ids
-    (the vocabulary, special tokens included). Cross-tokenizer drafting is not supported yet."""
+    (the vocabulary, special tokens included). A draft with another tokenizer is decoded by
+    dspark.decode.cross.CrossTokenizerDecoder (dspark.decode.make_decoder chooses)."""
     if target_tokenizer is None or draft_tokenizer is None or target_tokenizer is draft_tokenizer:
         return
     tv, dv = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
@@ -163,4 +166,5 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
         only_d = len(set(dv.items()) - set(tv.items()))
         raise IncompatibleTokenizersError(
             f"target and draft tokenizers differ ({len(tv)} vs {len(dv)} tokens; {only_t} target and {only_d} "
-            f"draft entries have no identical counterpart): the draft must use the target's tokenizer")
+            f"draft entries have no identical counterpart): SpeculativeDecoder needs the target's tokenizer; "
+            "use dspark.decode.make_decoder (cross-tokenizer decoding) for this pair")

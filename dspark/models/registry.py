@@ -74,6 +74,8 @@ BUILTINS: dict[str, str] = {
     "tiny-code": "target of the built-in family (the analog of a 70B target)",
     "tiny-code-draft-s": "small draft of the built-in family",
     "tiny-code-draft-m": "medium draft of the built-in family",
+    # trained by dspark/recipes/tiny-code-draft-xbpe.yaml
+    "tiny-code-draft-xbpe": "draft for tiny-code with its own tokenizer (BPE 1024): cross-tokenizer decoding",
 }
 
 

@@ -27,9 +27,11 @@ head would untie it and store the vocabulary matrix twice).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -271,7 +273,8 @@ class GptqModelBackend:
                 raise _import_error(self, e) from None
             model = GPTQModel.load(str(request.source), QuantizeConfig(bits=4, group_size=group),
                                    device=request.device)
-            model.quantize(list(request.calibration), batch_size=1)
+            with _gptq_logs_in_temp_dir():
+                model.quantize(list(request.calibration), batch_size=1)
             model.save(str(request.out))
 
     def load(self, folder: Path, device: str, dtype):
@@ -284,6 +287,25 @@ class GptqModelBackend:
             except ImportError as e:
                 raise _import_error(self, e) from None
             return GPTQModel.load(str(folder), device=device).model.eval()
+
+
+@contextlib.contextmanager
+def _gptq_logs_in_temp_dir():
+    """gptqmodel 7.6 writes a per-layer log file into ./logs of whatever folder the user runs from
+    (`looper.loop_processor._PROJECT_LOG_DIR`); point it at a temp folder that is removed after."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # another layout: leave it alone
+        yield
+        return
+    before = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    with tempfile.TemporaryDirectory(prefix="dspark-gptq-logs-") as tmp:
+        loop_processor._PROJECT_LOG_DIR = Path(tmp)
+        try:
+            yield
+        finally:
+            if before is not None:
+                loop_processor._PROJECT_LOG_DIR = before
 
 
 def gptq_group_size(config: dict, preferred: int = 128) -> int:

@@ -12,6 +12,10 @@ Protocol (one process, one device; the fairness rules of `dspark bench`):
   temperature), the same baseline `dspark bench` calls target-only.
 - Methods per candidate: `auto`, each static K in `ks`, and the candidate's own `draft_length` when it
   is another form. The chosen policy is the fastest of them; `best_draft_length` the fastest static K.
+  Pruning (`prune_margin`, default 0.15; None measures everything): after a quarter of the prompts
+  (at least 3) the static Ks slower than (1 - margin) x the fastest method so far stop being
+  measured (`prune_methods`); their rows keep the prompts they ran (`prompts`,
+  `pruned_after_prompts`), and only methods that ran every prompt can be chosen.
 - Greedy runs check every output against the baseline's (speculative decoding is lossless).
 
 Per-candidate numbers (definitions of dspark.decode.types):
@@ -67,6 +71,7 @@ class SelectConfig:
     tie_tolerance: float = 0.02
     cost_ratio: str | None = None
     hardware: str | None = None
+    prune_margin: float | None = 0.15
 
     def __post_init__(self) -> None:
         from dspark.select.rank import check_objective
@@ -85,6 +90,9 @@ class SelectConfig:
             raise DsparkError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.cost_reps < 1:
             raise DsparkError(f"--cost-reps must be >= 1, got {self.cost_reps}")
+        if self.prune_margin is not None and not 0 < self.prune_margin < 1:
+            raise DsparkError(f"prune margin must be in (0, 1) or None (measure every K on every prompt), "
+                              f"got {self.prune_margin}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:
             raise DsparkError(f"--max-memory must be > 0 (GB), got {self.max_memory_gb}")
         if self.cost_ratio is not None and self.hardware is not None:
@@ -200,6 +208,24 @@ def candidate_methods(spec_draft_length: str, ks: Sequence[int]) -> dict[str, st
     return methods
 
 
+def prune_point(n_prompts: int) -> int:
+    """After how many prompts slow static Ks may be dropped: a quarter of them, at least 3 (never all)."""
+    return min(max(3, n_prompts // 4), n_prompts)
+
+
+def prune_methods(tokens_per_s: dict[str, float], margin: float) -> list[str]:
+    """The static-K methods (`k<K>`) to stop measuring: those slower than (1 - margin) x the fastest
+    method so far (measured on the same prompts). The fastest static K, `auto` and the candidate's
+    own form are always kept. A speedup curve over K is unimodal in Leviathan's model, so a K this
+    far behind after a quarter of the prompts does not win by the end (the margin absorbs noise)."""
+    statics = [m for m in tokens_per_s if m.startswith("k") and m[1:].isdigit()]
+    if not statics:
+        return []
+    best = max(tokens_per_s.values())
+    best_static = max(statics, key=lambda m: tokens_per_s[m])
+    return [m for m in statics if m != best_static and tokens_per_s[m] < (1 - margin) * best]
+
+
 def pooled_acceptance(totals: Sequence[MethodTotals]) -> float | None:
     """Leviathan's per-token acceptance from all runs: accepted / (accepted + rejections)."""
     acc = sum(t.stats.accepted for t in totals)
@@ -307,7 +333,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def check_entry_tokenizer(s: Session, entry: Entry) -> tuple[str | None, str]:
-    """(reason it is unsupported or None, the compatibility mode), from the tokenizers alone."""
+    """(reason it is unsupported or None, the compatibility mode), from the tokenizers alone. A draft
+    with another tokenizer is scored too (cross-tokenizer decoding, dspark.decode.cross); only a
+    tokenizer whose tokens are not exact byte strings (WordPiece) is unsupported."""
     from dspark.decode.run import quiet_transformers
     from dspark.models import check_tokenizers
     from dspark.quantize.loading import draft_tokenizer
@@ -317,8 +345,14 @@ def check_entry_tokenizer(s: Session, entry: Entry) -> tuple[str | None, str]:
     compat = check_tokenizers(s.target.tokenizer, tok, s.target.vocab_size, None)
     if compat.compatible:
         return None, compat.mode.value
-    return (f"{compat.message}; cross-tokenizer drafting is not supported yet, so this candidate cannot be "
-            "scored against this target"), compat.mode.value
+    from dspark.decode.tokenmap import tokenizer_kind
+    from dspark.errors import IncompatibleTokenizersError
+
+    try:
+        tokenizer_kind(tok)
+    except IncompatibleTokenizersError as e:
+        return f"{compat.message}; {e}", compat.mode.value
+    return None, compat.mode.value
 
 
 def score_candidate(s: Session, entry: Entry) -> dict[str, Any]:
@@ -360,8 +394,8 @@ def score_candidate(s: Session, entry: Entry) -> dict[str, Any]:
 def _measure(s: Session, entry: Entry) -> dict[str, Any]:
     import torch
 
-    from dspark.decode.bench import measure_forward_seconds, timed
-    from dspark.decode.engine import SpeculativeDecoder
+    from dspark.decode.bench import measure_forward_seconds, timed, vocab_safe_prefix
+    from dspark.decode.factory import make_decoder
     from dspark.decode.policy import parse_draft_length
     from dspark.decode.run import quiet_transformers
     from dspark.quantize.loading import (count_parameters, deployment_bytes, load_draft,
@@ -374,7 +408,8 @@ def _measure(s: Session, entry: Entry) -> dict[str, Any]:
     with quiet_transformers(), quiet_quant_libraries(), torch.inference_mode():
         probe.start()
         d = load_draft(entry.draft, device=s.device, dtype=s.target.dtype)
-        dec = SpeculativeDecoder(s.target.model, d.model, s.target.tokenizer, "auto", draft_tokenizer=d.tokenizer)
+        dec = make_decoder(s.target.model, d.model, s.target.tokenizer, "auto", draft_tokenizer=d.tokenizer)
+        out["decoder_mode"] = getattr(dec, "mode", "same-tokenizer")
         notes = []
         for m, form in list(methods.items()):
             try:  # e.g. the candidate asks for `learned` but its draft carries no acceptance head
@@ -395,27 +430,37 @@ def _measure(s: Session, entry: Entry) -> dict[str, Any]:
 
         # forward costs, both measured now (the machine's load drifts between blocks)
         t1 = measure_forward_seconds(s.target.model, s.prefix, [1], cfg.cost_reps)[1]
-        d1 = measure_forward_seconds(d.model, s.prefix, [1], cfg.cost_reps)[1]
+        d1 = measure_forward_seconds(d.model, vocab_safe_prefix(d.model, s.prefix), [1], cfg.cost_reps)[1]
 
         totals = {m: MethodTotals(m, form) for m, form in methods.items()}
+        active = dict(methods)
+        pruned: dict[str, int] = {}
         base_out: list[list[int]] = []
         base_s = 0.0
         for i, p in enumerate(s.prompts):
             ids, dt = timed(lambda: s.baseline(i), s.device)
             base_out.append(ids)
             base_s += dt
-            for m, form in methods.items():
+            for m, form in active.items():
                 res, dt = timed(lambda: dec.generate([p], s.gen_config(i), draft_length=form)[0], s.device)
                 totals[m].outputs.append(list(res.token_ids))
                 totals[m].seconds += dt
                 totals[m].stats = totals[m].stats.merge(res.stats)
             s.tick(f"{entry.name}: prompt {i + 1}/{len(s.prompts)}")
+            if cfg.prune_margin is not None and i + 1 == prune_point(len(s.prompts)) < len(s.prompts):
+                for m in prune_methods({m: totals[m].tokens_per_s for m in active}, cfg.prune_margin):
+                    del active[m]
+                    pruned[m] = i + 1
         base_tps = sum(len(o) for o in base_out) / base_s if base_s > 0 else 0.0
 
         summaries = {m: t.summary(base_tps) for m, t in totals.items()}
-        chosen = max(methods, key=lambda m: (totals[m].tokens_per_s, m == "auto"))
+        for m, t in totals.items():
+            summaries[m]["prompts"] = len(t.outputs)
+            summaries[m]["pruned_after_prompts"] = pruned.get(m)
+        # compared on the same prompts: only methods that ran all of them can be chosen
+        chosen = max(active, key=lambda m: (totals[m].tokens_per_s, m == "auto"))
         statics = [m for m in methods if m.startswith("k") and m[1:].isdigit()]
-        best_static = max(statics, key=lambda m: totals[m].tokens_per_s)
+        best_static = max((m for m in statics if m in active), key=lambda m: totals[m].tokens_per_s)
         widest = max(statics, key=lambda m: int(m[1:]))
 
         res, dt = timed(lambda: dec.generate(s.prompts, s.gen_config(None), draft_length=methods[chosen],

@@ -45,7 +45,7 @@ def runtime_from_bundle(bundle: str | os.PathLike, device: str = "auto", dtype: 
                         log: Callable[[str], None] | None = None) -> ServeRuntime:
     from dspark.bundle.manifest import read_manifest
     from dspark.bundle.verify import check_files, check_target_identity, load_pair
-    from dspark.decode import SpeculativeDecoder
+    from dspark.decode import make_decoder
 
     log = log or (lambda _m: None)
     bundle = Path(bundle).expanduser()
@@ -55,8 +55,8 @@ def runtime_from_bundle(bundle: str | os.PathLike, device: str = "auto", dtype: 
     identity = check_target_identity(bundle, manifest, full_hash=False)
     log(f"loading target {identity['source']} and draft {manifest.draft.name}")
     target, draft = load_pair(bundle, manifest, device, dtype)
-    decoder = SpeculativeDecoder(target.model, draft.model, target.tokenizer,
-                                 draft_length=manifest.policy.draft_length, draft_tokenizer=draft.tokenizer)
+    decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
+                           draft_tokenizer=draft.tokenizer)
     ctx = int(decoder.target.max_positions)
     if ctx <= 1:
         raise DsparkError(f"target context length {ctx} is too small to serve")

@@ -101,7 +101,7 @@ def speculative_from_stats(stats, policy: str) -> dict:
     return {"draft_length": policy, "drafted": stats.drafted, "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate, "mean_accepted_tokens": stats.mean_accepted_tokens,
             "verify_steps": stats.verify_steps, "target_forwards": stats.target_forwards,
-            "draft_forwards": stats.draft_forwards, "partial": False}
+            "draft_forwards": stats.draft_forwards, "mode": getattr(stats, "mode", None), "partial": False}
 
 
 class _Row:
@@ -144,7 +144,7 @@ class _Row:
                         "acceptance_rate": None,
                         "mean_accepted_tokens": self.emitted / self.steps if self.steps else 0.0,
                         "verify_steps": self.steps, "target_forwards": None, "draft_forwards": None,
-                        "partial": True}
+                        "mode": None, "partial": True}
                 self._finish("stop", spec, None)
 
     def _finish(self, reason: str, spec: dict, stats) -> None:

@@ -134,17 +134,22 @@ def test_bitsandbytes(tmp_path, source, method):
 
 
 @pytest.mark.skipif(not have("gptqmodel"), reason="gptqmodel is not installed")
-def test_gptq4_with_calibration(tmp_path, source, capsys):
+def test_gptq4_with_calibration(tmp_path, source, capsys, monkeypatch):
     import os
 
     from dspark.quantize.loading import count_parameters, has_quantized_linears, load_draft
 
     out = tmp_path / "gptq"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     env = {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")}
     r = quantize_draft(out, QuantizeOptions(method="gptq4", calibration="code", calibration_samples=8, target=TARGET,
                                             **GUARD), draft=DRAFT)
-    # gptqmodel's banner and progress log go to stderr (stdout carries --json), its env changes are undone
+    # gptqmodel's banner and progress log go to stderr (stdout carries --json), its env changes are undone,
+    # and its per-layer log files do not land in the user's working folder
     assert capsys.readouterr().out == ""
+    assert list(cwd.iterdir()) == []
     assert {k: os.environ.get(k) for k in env} == env
     assert r.backend == "gptqmodel" and r.backend_reason == "the only gptq4 backend on cpu"
     assert r.candidate.provenance.calibration_samples == 8

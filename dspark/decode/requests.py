@@ -1,0 +1,73 @@
+"""Request validation shared by the decoders (same rules and messages for every decoder): prompts,
+per-prompt configs and draft-length policies."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dspark.decode.policy import DraftLengthPolicy, PolicyContext, parse_draft_length
+from dspark.decode.types import GenerationConfig
+from dspark.errors import DsparkError
+
+
+def check_prompts(prompts, context: int, embed_limit: int) -> list[list[int]]:
+    """Token-id prompts (lists or tensors) -> lists; each non-empty, shorter than `context`, with ids
+    in [0, embed_limit). Raises DsparkError naming the prompt and the bad value."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise DsparkError("prompts must be a list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.reshape(-1).tolist()
+        p = list(p)
+        if not p:
+            raise DsparkError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+        if len(p) >= context:
+            raise DsparkError(f"prompt {i} has {len(p)} tokens; the target's context is {context} tokens, "
+                              f"so a prompt may have at most {context - 1}")
+        bad = [t for t in p if not isinstance(t, int) or t < 0 or t >= embed_limit]
+        if bad:
+            raise DsparkError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {embed_limit})")
+        out.append(p)
+    return out
+
+
+def per_prompt_configs(config, n: int) -> list[GenerationConfig]:
+    """One GenerationConfig for all prompts, or one each."""
+    if isinstance(config, GenerationConfig):
+        return [config] * n
+    configs = list(config)
+    if len(configs) != n:
+        raise DsparkError(f"got {len(configs)} generation configs for {n} prompts")
+    return configs
+
+
+def make_policies(default_factory, context: PolicyContext, draft_length, n: int) -> list[DraftLengthPolicy]:
+    """One fresh policy per prompt: `default_factory` when draft_length is None, else the form given
+    (one for all, or one per prompt); each form is checked against `context` first."""
+    if draft_length is None:
+        factories = [default_factory] * n
+    elif isinstance(draft_length, (list, tuple)):
+        if len(draft_length) != n:
+            raise DsparkError(f"got {len(draft_length)} draft lengths for {n} prompts")
+        factories = [parse_draft_length(d) for d in draft_length]
+    else:
+        factories = [parse_draft_length(draft_length)] * n
+    for f in set(factories):
+        f.check(context)
+    return [f(context) for f in factories]
+
+
+def check_constraints(constraints, n: int) -> list:
+    """None (no constraints) or one TokenConstraint-or-None per prompt -> a list of n."""
+    from dspark.decode.constraints import TokenConstraint
+
+    constraints = [None] * n if constraints is None else list(constraints)
+    if len(constraints) != n:
+        raise DsparkError(f"got {len(constraints)} constraints for {n} prompts")
+    for i, c in enumerate(constraints):
+        if c is not None and not isinstance(c, TokenConstraint):
+            raise DsparkError(f"constraint {i} ({type(c).__name__}) lacks allowed/advance/rollback/is_finished")
+    return constraints
