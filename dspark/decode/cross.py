@@ -67,7 +67,7 @@ from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory
 from dspark.decode.requests import check_constraints, check_prompts, make_policies, per_prompt_configs
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.tokenmap import TokenBytes, intersection, token_bytes
-from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
+from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig, commit_step
 from dspark.decode.verify import common_vocab_size, verify_greedy, verify_sampling
 from dspark.errors import DsparkError
 
@@ -570,31 +570,10 @@ class CrossTokenizerDecoder:
             n = int(res.n_accepted[0])
             nxt = int(res.next_token[0])
 
-            block = props[:n]
-            if not (dead and n == K):
-                block.append(nxt)
-            reason = None
-            cut = next((i for i, t in enumerate(block) if t in stops), None)
-            if cut is not None:
-                block = block[: cut + 1]
-                reason = "stop"
-            accepted_c = min(n, len(block))
-            extra = len(block) - accepted_c
-            drafted_c = K if cut is None or cut >= n else accepted_c
-            if extra:
-                if n == K:
-                    st.bonus += 1
-                else:
-                    st.recovered += 1
-            st.drafted += drafted_c
-            st.accepted += accepted_c
-            for j in range(drafted_c):
-                st.record_position(j, j < accepted_c)
-            st.verify_steps += 1
-            st.target_forwards += 1
-            st.target_time_s += verify_s
-            st.draft_forwards += forwards
-            st.draft_time_s += draft_s
+            com = commit_step(props[:n], K, None if (dead and n == K) else nxt, stops)
+            block, accepted_c, drafted_c, extra = com.tokens, com.accepted, com.drafted, com.extra
+            reason = "stop" if com.stopped else None
+            st.record_step(com, verify_s, forwards, draft_s)
             if constraint is not None:
                 constraint.rollback(K - accepted_c)
                 if extra:

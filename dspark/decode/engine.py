@@ -66,7 +66,7 @@ from dspark.decode.fastpath import supports as fastpath_supports
 from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
 from dspark.decode.requests import check_constraints, check_prompts, make_policies, per_prompt_configs
 from dspark.decode.sampling import make_generator, warp_logits
-from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig
+from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig, commit_step
 from dspark.decode.verify import check_same_tokenizer, common_vocab_size, verify_greedy, verify_sampling
 from dspark.errors import DsparkError
 
@@ -622,13 +622,19 @@ class DecodeSession:
                 raise DsparkError("a batch shares one sampling setting (temperature/top_k/top_p/seed); this "
                                   "request's differs from the batch's: decode it in another session")
         with torch.inference_mode():
-            for p, cfg, con, pol, rid in zip(prompts, configs, constraints, policies, row_ids):
-                self._admit(p, cfg, con, pol, rid)
+            joined = [self._admit(p, cfg, con, pol, rid)
+                      for p, cfg, con, pol, rid in zip(prompts, configs, constraints, policies, row_ids)]
+            # one merge for all of them: merging row by row would copy the batch's cache once per row
+            self.tgt.absorb([t for t, _ in joined])
+            if self.dft is not None:
+                self.dft.absorb([d for _, d in joined])
+            self.rows.extend(range(len(self.prompts) - len(joined), len(self.prompts)))
         return row_ids
 
-    def _admit(self, prompt, cfg, con, pol, rid) -> None:
+    def _admit(self, prompt, cfg, con, pol, rid) -> tuple["_Slots", "_Slots | None"]:
+        """Register one request and prefill it alone; returns its one-row caches (target, draft) for
+        `add` to merge into the batch."""
         dec = self.dec
-        i = len(self.prompts)
         st = DecodeStats(prompt_tokens=len(prompt))
         ok = dec.draft is not None and len(prompt) - 1 <= dec.draft.max_positions
         self.prompts.append(prompt)
@@ -655,15 +661,14 @@ class DecodeSession:
             _, dt = dec._timed(t_one.feed, [prompt[:-1]], 0, False)
             st.target_forwards += 1
             st.target_time_s += dt
-        self.tgt.absorb([t_one])
+        d_one = None
         if self.dft is not None:
             d_one = _Slots(dec.draft, 1)
             if ok and len(prompt) > 1:
                 _, dd = dec._timed(d_one.feed, [prompt[:-1]], 0, False)
                 st.draft_forwards += 1
                 st.draft_time_s += dd
-            self.dft.absorb([d_one])
-        self.rows.append(i)
+        return t_one, d_one
 
     def step(self) -> list[TokenEvent]:
         """One draft-verify step for every active row; [] when none is active."""
@@ -819,32 +824,10 @@ class DecodeSession:
         for bi, r in enumerate(rows):
             st = stats[r]
             n, k = n_acc[bi], nd[bi]
-            block = dlist[bi][:n]
-            if not (dead[bi] and n == k):
-                block.append(nxt[bi])
-            reason = None
-            cut = next((idx for idx, tkn in enumerate(block) if tkn in stop_sets[r]), None)
-            if cut is not None:
-                block = block[: cut + 1]
-                reason = "stop"
-            accepted_c = min(n, len(block))
-            extra = len(block) - accepted_c  # the recovered or bonus token, if emitted
-            # a stop token accepted mid-block: the drafts after it never mattered
-            drafted_c = k if cut is None or cut >= n else accepted_c
-            if extra:
-                if n == k:
-                    st.bonus += 1
-                else:
-                    st.recovered += 1
-            st.drafted += drafted_c
-            st.accepted += accepted_c
-            for j_ in range(drafted_c):
-                st.record_position(j_, j_ < accepted_c)
-            st.verify_steps += 1
-            st.target_forwards += 1
-            st.target_time_s += verify_s
-            st.draft_forwards += draft_forwards
-            st.draft_time_s += draft_s
+            com = commit_step(dlist[bi][:n], k, None if (dead[bi] and n == k) else nxt[bi], stop_sets[r])
+            block, accepted_c, drafted_c, extra = com.tokens, com.accepted, com.drafted, com.extra
+            reason = "stop" if com.stopped else None
+            st.record_step(com, verify_s, draft_forwards, draft_s)
             c = cons[bi]
             if c is not None:
                 c.rollback(k - accepted_c)

@@ -99,6 +99,22 @@ class DecodeStats:
         self.drafted_per_position[position] += 1
         self.accepted_per_position[position] += int(accepted)
 
+    def record_step(self, c: "StepCommit", verify_s: float, draft_forwards: int, draft_s: float) -> None:
+        """Count one verify step of this request (its commit `c` and the step's forward costs)."""
+        if c.extra == "bonus":
+            self.bonus += 1
+        elif c.extra == "recovered":
+            self.recovered += 1
+        self.drafted += c.drafted
+        self.accepted += c.accepted
+        for j in range(c.drafted):
+            self.record_position(j, j < c.accepted)
+        self.verify_steps += 1
+        self.target_forwards += 1
+        self.target_time_s += verify_s
+        self.draft_forwards += draft_forwards
+        self.draft_time_s += draft_s
+
     def merge(self, other: "DecodeStats") -> "DecodeStats":
         out = DecodeStats()
         # an empty accumulator (DecodeStats()) takes the mode of what is merged into it
@@ -122,6 +138,34 @@ class DecodeStats:
 
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class StepCommit:
+    """What one verify step commits for one request (see `commit_step`)."""
+
+    tokens: list[int]    # emitted this step: accepted drafts, then the recovered / bonus token
+    accepted: int        # drafts among `tokens`
+    drafted: int         # drafts that count as drafted (those after an accepted stop token do not)
+    extra: str | None    # "bonus", "recovered", or None when no target token was emitted
+    stopped: bool        # a stop token ended the block
+
+
+def commit_step(accepted_drafts: list[int], k: int, next_token: int | None, stops) -> StepCommit:
+    """The block a row emits after verification: its n = len(accepted_drafts) accepted drafts (of k
+    verified), then `next_token` (recovered when n < k, bonus when n == k; None: nothing may follow,
+    e.g. a grammar allows no token), cut after the first stop token. If a stop token is accepted
+    mid-block, the drafts after it never mattered: they count as neither drafted nor accepted, so
+    accepted + recovered + bonus == generated always."""
+    n = len(accepted_drafts)
+    block = list(accepted_drafts) + ([next_token] if next_token is not None else [])
+    cut = next((i for i, t in enumerate(block) if t in stops), None)
+    if cut is not None:
+        block = block[: cut + 1]
+    accepted = min(n, len(block))
+    extra = None if len(block) == accepted else ("bonus" if n == k else "recovered")
+    drafted = k if cut is None or cut >= n else accepted
+    return StepCommit(block, accepted, drafted, extra, cut is not None)
 
 
 @dataclass
