@@ -64,7 +64,8 @@ from dspark.decode.constraints import TokenConstraint, fit_mask
 from dspark.decode.fastpath import KVBuffer, LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
 from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
-from dspark.decode.requests import check_constraints, check_prompts, make_policies, per_prompt_configs
+from dspark.decode.requests import (check_constraints, check_prompts, collect_results, make_policies,
+                                    default_stop_ids, per_prompt_configs, stop_ids_for, timed_call)
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig, commit_step
 from dspark.decode.verify import check_same_tokenizer, common_vocab_size, verify_greedy, verify_sampling
@@ -353,23 +354,6 @@ class _Slots:
         self.holes = not bool(self.valid[:, :new_len].all())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _default_stop_ids(tokenizer, model) -> tuple[int, ...]:
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (eos, gen_eos):
-        if isinstance(e, int):
-            ids.append(e)
-        elif isinstance(e, (list, tuple)):
-            ids.extend(int(x) for x in e)
-    return tuple(dict.fromkeys(ids))
-
-
 class SpeculativeDecoder:
     """Lossless speculative decoding of a target model with an optional draft model.
 
@@ -429,7 +413,7 @@ class SpeculativeDecoder:
                                             has_acceptance_head=self.acceptance_head is not None)
         self.policy_factory.check(self.policy_context)
         self.default_stop_ids = (tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None
-                                 else _default_stop_ids(tokenizer, target_model))
+                                 else default_stop_ids(tokenizer, target_model))
 
     @property
     def context_length(self) -> int:
@@ -476,13 +460,8 @@ class SpeculativeDecoder:
         draft_length: overrides the decoder's policy (one form for all, or one per prompt).
         batch_size: decode at most this many prompts together (default: all at once).
         on_tokens(row, new_ids): called as tokens are committed (row = index into prompts)."""
-        results: list[DecodeResult | None] = [None] * len(prompts)
-        for ev in self.stream(prompts, config, constraints, draft_length=draft_length, batch_size=batch_size):
-            if on_tokens is not None and ev.token_ids:
-                on_tokens(ev.row, ev.token_ids)
-            if ev.result is not None:
-                results[ev.row] = ev.result
-        return results  # type: ignore[return-value]
+        events = self.stream(prompts, config, constraints, draft_length=draft_length, batch_size=batch_size)
+        return collect_results(events, len(prompts), on_tokens)
 
     def stream(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | Sequence[GenerationConfig]
                = GenerationConfig(), constraints: Sequence[TokenConstraint | None] | None = None, *,
@@ -518,16 +497,10 @@ class SpeculativeDecoder:
     # -- the loop ---------------------------------------------------------------------------------
 
     def _stop_ids(self, cfg: GenerationConfig) -> tuple[int, ...]:
-        if cfg.stop_token_ids:
-            return cfg.stop_token_ids
-        return () if cfg.ignore_eos else self.default_stop_ids
+        return stop_ids_for(cfg, self.default_stop_ids)
 
     def _timed(self, fn, *args):
-        _sync(self.device)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        _sync(self.device)
-        return out, time.perf_counter() - t0
+        return timed_call(self.device, fn, *args)
 
     def _decode_batch(self, prompts, configs, constraints, policies, row_ids) -> Iterator[TokenEvent]:
         session = DecodeSession(self)

@@ -71,3 +71,49 @@ def check_constraints(constraints, n: int) -> list:
         if c is not None and not isinstance(c, TokenConstraint):
             raise DsparkError(f"constraint {i} ({type(c).__name__}) lacks allowed/advance/rollback/is_finished")
     return constraints
+
+
+def collect_results(events, n: int, on_tokens=None) -> list:
+    """Drain a decoder's TokenEvent stream into one DecodeResult per prompt (input order), calling
+    on_tokens(row, new_ids) as tokens are committed."""
+    results: list = [None] * n
+    for ev in events:
+        if on_tokens is not None and ev.token_ids:
+            on_tokens(ev.row, ev.token_ids)
+        if ev.result is not None:
+            results[ev.row] = ev.result
+    return results
+
+
+def stop_ids_for(cfg: GenerationConfig, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A request's stop ids: its own, else none with ignore_eos, else the decoder's default."""
+    if cfg.stop_token_ids:
+        return cfg.stop_token_ids
+    return () if cfg.ignore_eos else default
+
+
+def timed_call(device: torch.device, fn, *args):
+    """(fn(*args), seconds), synchronising CUDA before and after so GPU time is counted."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def default_stop_ids(tokenizer, model) -> tuple[int, ...]:
+    """The stop ids of requests that name none: the tokenizer's eos and the model's generation_config
+    eos (either may be an int or a list), deduplicated in order."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (eos, gen_eos):
+        if isinstance(e, int):
+            ids.append(e)
+        elif isinstance(e, (list, tuple)):
+            ids.extend(int(x) for x in e)
+    return tuple(dict.fromkeys(ids))
