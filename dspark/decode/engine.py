@@ -8,13 +8,17 @@ the models' KV caches and the batch bookkeeping.
 One step for a batch of B active requests (row i has committed tokens s_i = prompt + generated):
 1. Plan: each row's policy says how many drafts it wants (k_i, capped so that a step can never
    overshoot max_new_tokens or the context); the batch drafts K = max_i k_i tokens for every row.
-2. Draft: K draft forwards (the first one also feeds the row's not-yet-cached tokens). A row stops
-   counting drafts at k_i or earlier (policy early exit: low confidence / low predicted acceptance,
-   a drafted stop token, a finished constraint); its later drafts are computed but never verified.
+2. Draft: K draft forwards (the first one also feeds the row's not-yet-cached tokens). Drafting
+   stops once every row has reached its k_i or exited early (low confidence / low predicted
+   acceptance, a drafted stop token, a finished constraint). Every unconstrained row whose plan
+   allows it (`DraftPlan.take_extra`: adaptive policies; a static K verifies exactly K) then
+   verifies all K drafts computed for it (within its length limits): the batch pays for K drafts
+   and a K + 1 verify width for every row anyway, so the extra drafts cost nothing and add tokens
+   when accepted. A constrained row verifies only the drafts it made under its grammar.
 3. Verify: one target forward over [last committed token, d_1..d_K] gives K + 1 distributions;
-   `verify_greedy` / `verify_sampling` return each row's accepted count n_i <= k_i and the
-   recovered-or-bonus token. A row's result depends only on its own first k_i drafts, so batching
-   never changes a greedy output.
+   `verify_greedy` / `verify_sampling` return each row's accepted count n_i (of the drafts it
+   verifies) and the recovered-or-bonus token. Verification is exact whatever was drafted, so
+   batching never changes a greedy output (how many tokens a step yields may differ).
 4. Commit, truncating at a stop token; roll both caches back; finished rows leave the batch.
 
 Forwards: Llama-family models (llama, mistral, qwen2) run through `fastpath.LeanLlama` (fused
@@ -664,16 +668,14 @@ class DecodeSession:
         stop_sets, draft_ok, prompts, row_ids = self.stop_sets, self.draft_ok, self.prompts, self.row_ids
         nb = len(rows)
         plans = [policies[r].plan() for r in rows]
-        caps = []
+        caps, limits = [], []
         for bi, r in enumerate(rows):
             L = len(seqs[r])
             remaining = min(configs[r].max_new_tokens - gen_counts[r], ctx_t - L)
-            k = min(plans[bi].max_tokens, remaining - 1)
-            if not (draft and draft_ok[r]):
-                k = 0
-            else:
-                k = min(k, ctx_d - L + 1)
-            caps.append(max(k, 0))
+            # the most drafts this row may verify: never past max_new_tokens or either context
+            limit = max(min(remaining - 1, ctx_d - L + 1), 0) if draft and draft_ok[r] else 0
+            limits.append(limit)
+            caps.append(min(plans[bi].max_tokens, limit))
         K = max(caps)
         cons = [constraints[r] for r in rows]
         has_cons = any(c is not None for c in cons)
@@ -754,6 +756,13 @@ class DecodeSession:
             drafts = torch.stack(cols, dim=1)
             if qcols:
                 qs = torch.stack(qcols, dim=1)
+            # The batch paid for K draft forwards and verifies K + 1 positions for every row anyway,
+            # so a row that planned fewer drafts (or stopped early) verifies all K it was given: free
+            # tokens whenever they are accepted. Constrained rows keep their own count (their masks
+            # were computed only while they drafted).
+            for bi in range(nb):
+                if cons[bi] is None and plans[bi].take_extra and nd[bi] < min(K, limits[bi]):
+                    nd[bi] = min(K, limits[bi])
 
         # the mask for the position after each row's last draft (the recovered / bonus position)
         if has_cons:

@@ -57,6 +57,9 @@ class DraftPlan:
     max_tokens: int
     min_confidence: float = 0.0
     min_acceptance: float = 0.0
+    # in a batch that drafts more than this row asked for (another row wants more), verify those
+    # extra drafts too: they are free (the batch pays for them anyway); a static K says no
+    take_extra: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class StaticPolicy:
             raise DsparkError(f"draft length K must be >= 1, got {self.k}")
 
     def plan(self) -> DraftPlan:
-        return DraftPlan(self.k)
+        return DraftPlan(self.k, take_extra=False)  # exactly K: what a user measuring K asks for
 
     def observe(self, feedback: StepFeedback) -> None:
         pass

@@ -463,3 +463,29 @@ def test_session_refuses_a_different_sampling_setting(target):
     greedy = dec.session()
     greedy.add([[0]], GenerationConfig(max_new_tokens=2))
     assert greedy.accepts(GenerationConfig(top_p=0.5))  # greedy ignores top_p
+
+
+def test_adaptive_rows_verify_the_drafts_a_batch_computed_anyway(target):
+    """A row whose adaptive policy planned 1 draft shares a batch with a static-8 row: the batch
+    computes 8 drafts, and the adaptive row verifies all of them (free tokens); a static row keeps
+    exactly its K. Outputs stay the target's own."""
+    from dspark.decode.policy import ConfidencePolicy, StaticPolicy
+
+    class OneDraft(ConfidencePolicy):
+        def plan(self):
+            from dspark.decode.policy import DraftPlan
+            return DraftPlan(1)
+
+    dec = SpeculativeDecoder(target, bigram_llama(chain_table(V, 1)), None)
+    pols = [OneDraft(0.5), StaticPolicy(1), StaticPolicy(8)]
+    s = dec.session()
+    s.add([[0], [0], [0]], GenerationConfig(max_new_tokens=9), policies=pols)
+    results = {}
+    while s.active:
+        for ev in s.step():
+            if ev.result is not None:
+                results[ev.row] = ev.result
+    assert all(results[i].token_ids == list(range(1, 10)) for i in range(3))
+    # adaptive: 8 drafts verified in the first (shared) step + bonus = 9 tokens in one step
+    assert results[0].stats.verify_steps == 1 and results[0].stats.drafted == 8
+    assert results[1].stats.verify_steps == 5 and results[2].stats.verify_steps == 1
