@@ -100,52 +100,55 @@ def _hf_load(folder: Path, device: str, dtype):
     return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
 
 
-class TorchAoBackend:
-    name = "torchao"
-    methods = ("int8",)
-    module = "torchao"
-    requirement = "torchao==0.18.0"
+class _TransformersConfigBackend:
+    """A backend whose quantization is a transformers `quantization_config` applied while loading
+    the source (its quantizer does the work), saved with `save_pretrained` and loaded back by plain
+    `from_pretrained`. Subclasses only say which config."""
+
     devices = ("cpu", "cuda")
     needs_calibration = False
 
-    def quantize(self, request: QuantRequest) -> None:
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig
-            from transformers import TorchAoConfig
-        except ImportError as e:
-            raise _import_error(self, e) from None
-        model = _hf_load_quantized(request.source, request.dtype, request.device,
-                                   TorchAoConfig(Int8WeightOnlyConfig()))
-        model.save_pretrained(str(request.out), safe_serialization=True)
-
-    def load(self, folder: Path, device: str, dtype):
-        return _hf_load(folder, device, dtype)
-
-
-class BitsAndBytesBackend:
-    name = "bitsandbytes"
-    methods = ("int8", "nf4")
-    module = "bitsandbytes"
-    requirement = "bitsandbytes==0.50.2"
-    devices = ("cpu", "cuda")
-    needs_calibration = False
+    def config(self, request: QuantRequest):
+        raise NotImplementedError
 
     def quantize(self, request: QuantRequest) -> None:
         try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
+            qc = self.config(request)
         except ImportError as e:
             raise _import_error(self, e) from None
-        if request.method == "int8":
-            qc = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=request.dtype)
         model = _hf_load_quantized(request.source, request.dtype, request.device, qc)
         model.save_pretrained(str(request.out), safe_serialization=True)
 
     def load(self, folder: Path, device: str, dtype):
         return _hf_load(folder, device, dtype)
+
+
+class TorchAoBackend(_TransformersConfigBackend):
+    name = "torchao"
+    methods = ("int8",)
+    module = "torchao"
+    requirement = "torchao==0.18.0"
+
+    def config(self, request: QuantRequest):
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+class BitsAndBytesBackend(_TransformersConfigBackend):
+    name = "bitsandbytes"
+    methods = ("int8", "nf4")
+    module = "bitsandbytes"
+    requirement = "bitsandbytes==0.50.2"
+
+    def config(self, request: QuantRequest):
+        import bitsandbytes  # noqa: F401  (a missing library fails here, with the install hint)
+        from transformers import BitsAndBytesConfig
+
+        if request.method == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=request.dtype)
 
 
 class QuantoBackend:
