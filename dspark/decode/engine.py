@@ -571,7 +571,7 @@ class DecodeSession:
                     self.tgt.select(keep)
                     if self.dft is not None:
                         self.dft.select(keep)
-                self.rows.pop(bi)
+                self._release(self.rows.pop(bi))
                 return True
         return False
 
@@ -848,11 +848,21 @@ class DecodeSession:
         if dft is not None:
             dft.keep(d_keep)
         if len(survivors) < nb:
+            kept = set(survivors)
+            for bi, r in enumerate(rows):
+                if bi not in kept:
+                    self._release(r)
             self.rows = [rows[bi] for bi in survivors]
             tgt.select(survivors)
             if dft is not None:
                 dft.select(survivors)
         return events
+
+    def _release(self, r: int) -> None:
+        """Drop a finished request's tokens, grammar matcher and policy: a server's session may run
+        for as long as traffic keeps it non-empty, so it must not keep every past request."""
+        self.prompts[r] = self.seqs[r] = []
+        self.constraints[r] = self.policies[r] = None
 
 
 def _fit(logits: torch.Tensor, vocab: int) -> torch.Tensor:

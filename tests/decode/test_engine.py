@@ -451,6 +451,8 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_alone(lean):
         assert results[k].stats.generated == 14
     assert out["e"] == alone["e"].token_ids[: len(out["e"])] and "e" not in results
     assert s.step() == []
+    # finished and cancelled requests are released: a long-lived server session keeps no past tokens
+    assert all(seq == [] for seq in s.seqs) and all(p is None for p in s.policies)
 
 
 def test_session_refuses_a_different_sampling_setting(target):
