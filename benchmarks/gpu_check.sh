@@ -2,7 +2,9 @@
 # The decoder's GPU check, in one call on a machine with a CUDA GPU (< 8 minutes):
 #   1. the decoder tests (losslessness and the rest of tests/decode) with DSPARK_TEST_DEVICE=cuda;
 #   2. the bench table on the built-in pair (tiny-code / tiny-code-draft-s), bf16;
-#   3. the bench table on a randomly initialised ~1B target / ~111M draft pair (memory-bound target), bf16.
+#   3. the bench table on a randomly initialised ~1B target / ~111M draft pair (memory-bound target), bf16;
+#   4. the server's concurrency goal (bench_serve.py, 8 clients vs 1) on the built-in pair, bf16, when
+#      fastapi, uvicorn and httpx are importable (carry their wheels in .whl/ otherwise).
 # Logs and JSON reports go to $OUT when set (the device tool's folder), else runs/gpu_check/.
 #
 #   bash benchmarks/gpu_check.sh                     # on the GPU machine
@@ -82,13 +84,15 @@ if [ $TINY -eq 1 ]; then
   BENCH_ARGS=(--n 2 --max-new-tokens 8 --ks 1,2 --batch-sizes 1,2 --cost-reps 2)
   PAIR=tiny
   DTYPE=float32
-  LIMITS=(600 600 600)  # a loaded 2-core CPU, not the GPU budget
+  LIMITS=(600 600 600 600)  # a loaded 2-core CPU, not the GPU budget
+  SERVE_ARGS=(--requests 1 --max-tokens 8)
 else
   TESTS=${GPU_CHECK_TESTS:-tests/decode}
   BENCH_ARGS=(--n 10 --max-new-tokens 64 --ks 1,2,4,6,8 --batch-sizes 1,4,8)
   PAIR=1b
   DTYPE=bfloat16
-  LIMITS=(240 90 120)  # seconds: tests, built-in bench, random-pair bench (< 8 minutes with the setup)
+  LIMITS=(210 90 120 90)  # seconds: tests, built-in bench, random-pair bench, serve (< 9 minutes in all)
+  SERVE_ARGS=()
 fi
 
 # shellcheck disable=SC2086
@@ -104,6 +108,14 @@ else
 fi
 step bench_random "${LIMITS[2]}" "$PY" benchmarks/bench_decoder.py --random-pair "$PAIR" \
   --device "$DEVICE" --dtype "$DTYPE" "${BENCH_ARGS[@]}" --out "$RESULTS/bench_random_$PAIR.json"
+
+if "$PY" -c "import fastapi, uvicorn, httpx" 2>/dev/null && \
+    { [ -d dspark/models/builtin/tiny-code ] || [ $TINY -eq 1 ]; }; then
+  step bench_serve "${LIMITS[3]}" "$PY" benchmarks/bench_serve.py --target "${TARGET:-tiny-code}" \
+    --draft tiny-code-draft-s --device "$DEVICE" --dtype "$DTYPE" "${SERVE_ARGS[@]}" --json
+else
+  note "step bench_serve: skipped (needs fastapi, uvicorn and httpx, and the built-in tiny-code)"
+fi
 
 note "gpu_check: $failed failed step(s); results in $RESULTS"
 exit $failed

@@ -8,6 +8,8 @@ the models' KV caches and the batch bookkeeping.
 One step for a batch of B active requests (row i has committed tokens s_i = prompt + generated):
 1. Plan: each row's policy says how many drafts it wants (k_i, capped so that a step can never
    overshoot max_new_tokens or the context); the batch drafts K = max_i k_i tokens for every row.
+   When every row of a batch (B >= 2) is adaptive, the decoder's `BatchPlanner` picks K instead,
+   for the batch's tokens per second (policy.py); each row's early exits still apply.
 2. Draft: K draft forwards (the first one also feeds the row's not-yet-cached tokens). Drafting
    stops once every row has reached its k_i or exited early (low confidence / low predicted
    acceptance, a drafted stop token, a finished constraint). Every unconstrained row whose plan
@@ -67,7 +69,8 @@ from dspark.decode.acceptance_head import AcceptanceHead, has_acceptance_head, l
 from dspark.decode.constraints import TokenConstraint, fit_mask
 from dspark.decode.fastpath import KVBuffer, LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
-from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
+from dspark.decode.policy import (BatchPlanner, DraftLengthPolicy, DraftPlan, PolicyContext, PolicyFactory,
+                                  StepFeedback, parse_draft_length)
 from dspark.decode.requests import (check_constraints, check_prompts, collect_results, make_policies,
                                     default_stop_ids, per_prompt_configs, stop_ids_for, timed_call)
 from dspark.decode.sampling import make_generator, warp_logits
@@ -413,6 +416,8 @@ class SpeculativeDecoder:
         self.embed_limit = min(self.target.vocab, self.draft.vocab if self.draft else self.target.vocab)
         self.acceptance_head = self._load_head(acceptance_head)
         self.policy_factory = parse_draft_length(draft_length)
+        # one K for a batch of adaptive rows, from costs measured across every batch of this decoder
+        self.batch_planner = BatchPlanner()
         self.policy_context = PolicyContext(has_draft=self.draft is not None,
                                             has_acceptance_head=self.acceptance_head is not None)
         self.policy_factory.check(self.policy_context)
@@ -631,6 +636,8 @@ class DecodeSession:
                 if type(other) is type(pol):
                     pol.inherit_costs(other)
                     break
+            else:  # or from what earlier batches of this decoder measured
+                pol.inherit_costs(dec.batch_planner)
         # prefill everything but the last prompt token (it is fed, as the pending token, by the first
         # step), alone: a padded batch prefill would compute the padding too
         t_one = _Slots(dec.target, 1)
@@ -667,15 +674,14 @@ class DecodeSession:
         constraints, stats, gen_counts = self.constraints, self.stats, self.gen_counts
         stop_sets, draft_ok, prompts, row_ids = self.stop_sets, self.draft_ok, self.prompts, self.row_ids
         nb = len(rows)
-        plans = [policies[r].plan() for r in rows]
-        caps, limits = [], []
-        for bi, r in enumerate(rows):
+        limits = []
+        for r in rows:
             L = len(seqs[r])
             remaining = min(configs[r].max_new_tokens - gen_counts[r], ctx_t - L)
             # the most drafts this row may verify: never past max_new_tokens or either context
-            limit = max(min(remaining - 1, ctx_d - L + 1), 0) if draft and draft_ok[r] else 0
-            limits.append(limit)
-            caps.append(min(plans[bi].max_tokens, limit))
+            limits.append(max(min(remaining - 1, ctx_d - L + 1), 0) if draft and draft_ok[r] else 0)
+        plans = self._plans([policies[r] for r in rows], limits)
+        caps = [min(plans[bi].max_tokens, limits[bi]) for bi in range(nb)]
         K = max(caps)
         cons = [constraints[r] for r in rows]
         has_cons = any(c is not None for c in cons)
@@ -795,6 +801,7 @@ class DecodeSession:
             p = warp_logits(tlogits, cfg0.temperature, cfg0.top_k, cfg0.top_p)
             res = verify_sampling(drafts, qs if qs is not None else torch.zeros(nb, 0, V, device=dev), p,
                                   gen, nd_tensor)
+        dec.batch_planner.observe(nb, K + 1, draft_forwards, draft_s, verify_s)
         n_acc = res.n_accepted.tolist()
         nxt = res.next_token.tolist()
         dlist = drafts.tolist()
@@ -857,6 +864,20 @@ class DecodeSession:
             if dft is not None:
                 dft.select(survivors)
         return events
+
+    def _plans(self, pols: list[DraftLengthPolicy], limits: list[int]) -> list[DraftPlan]:
+        """Each row's plan: its own policy's, or, for a batch of adaptive rows, the batch planner's K
+        with each row's early exits (a row's curve is flat past its limit: it cannot verify more)."""
+        if len(pols) < 2 or not all(getattr(p, "batchable", False) for p in pols) or max(limits) == 0:
+            return [p.plan() for p in pols]
+        k_max = min(max(p.k_max for p in pols), max(limits))
+        curves = []
+        for p, lim in zip(pols, limits):
+            c = p.expected_curve(k_max)
+            curves.append([c[min(k, lim)] for k in range(k_max + 1)])
+        allow_zero = all(getattr(p, "allow_zero", True) for p in pols)
+        k = self.dec.batch_planner.choose(curves, k_max, allow_zero)
+        return [p.batch_plan(k) for p in pols]
 
     def _release(self, r: int) -> None:
         """Drop a finished request's tokens, grammar matcher and policy: a server's session may run

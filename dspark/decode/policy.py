@@ -28,6 +28,12 @@ Forms accepted by `parse_draft_length` (also the CLI's `--draft-length`):
   with a confidence early exit at `AUTO_CONFIDENCE` (the cost model picks the cap; the exit trims
   steps where the draft itself is unsure). Without a draft model every form means target-only
   decoding.
+Batches: when every row of a batch (B >= 2) runs an adaptive policy (`goodput`, `learned`, `auto`:
+`BatchablePolicy`), the decoder's `BatchPlanner` picks one K for the whole batch, maximising the
+batch's expected tokens per second sum_i E_i(K) / (K * c_draft(B) + c_verify(B * (K + 1))) from each
+row's own acceptance curve E_i and the decoder's measured costs; each row then applies its own early
+exits to it. Per-row choices combined by max would let the most optimistic row set K for everyone,
+and rows probing out of phase would make a batch that should run target-only draft every other step.
 Programmatic plug-ins: `parse_draft_length` (and the decoder's `draft_length`) also take any callable
 PolicyContext -> DraftLengthPolicy.
 """
@@ -78,6 +84,124 @@ class StepFeedback:
     verify_s: float = 0.0
     verify_width: int = 0
     batch_rows: int = 1
+
+
+@dataclass
+class CostLine:
+    """Measured seconds of a forward as a function of its size n (tokens, or rows): a running mean
+    per size seen, and a least-squares line through them (slope >= 0). Before two sizes are seen the
+    slope is `slope_prior` x the cost of size 1: t(n) = t(1) * (1 + slope_prior * (n - 1))."""
+
+    momentum: float = 0.8
+    slope_prior: float = 0.1
+    points: dict = field(default_factory=dict)  # size -> running mean seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self.points)
+
+    def observe(self, n: int, seconds: float) -> None:
+        if n <= 0 or seconds <= 0:
+            return
+        old = self.points.get(n)
+        self.points[n] = seconds if old is None else self.momentum * old + (1 - self.momentum) * seconds
+
+    def at(self, n: int) -> float:
+        """Seconds of a forward of size n (needs `known`)."""
+        pts = sorted(self.points.items())
+        if len(pts) == 1:
+            n0, t0 = pts[0]
+            sp = self.slope_prior
+            return t0 * (1 + sp * (n - 1)) / (1 + sp * (n0 - 1))
+        n_mean = sum(m for m, _ in pts) / len(pts)
+        t_mean = sum(t for _, t in pts) / len(pts)
+        var = sum((m - n_mean) ** 2 for m, _ in pts)
+        slope = max(sum((m - n_mean) * (t - t_mean) for m, t in pts) / var, 0.0)
+        return max(t_mean + slope * (n - n_mean), 1e-9)
+
+
+def batch_goodput(curves, draft_cost: Callable[[int], float], verify_cost: Callable[[int], float]) -> list[float]:
+    """Expected tokens per second of a batch for K = 0..k_max.
+
+    curves: B lists of k_max + 1 floats, curves[i][k] = row i's expected tokens from a step with k
+    drafts (bonus included, so curves[i][0] = 1); draft_cost(B): seconds of one draft forward over
+    the B rows; verify_cost(n): seconds of a verify forward over n = B * (K + 1) tokens.
+    Returns rate[K] = sum_i curves[i][K] / (K * draft_cost(B) + verify_cost(B * (K + 1)))."""
+    b = len(curves)
+    if b == 0:
+        return []
+    k_max = min(len(c) for c in curves) - 1
+    cd = draft_cost(b) if k_max > 0 else 0.0
+    return [sum(c[k] for c in curves) / (k * cd + verify_cost(b * (k + 1))) for k in range(k_max + 1)]
+
+
+@runtime_checkable
+class BatchablePolicy(Protocol):
+    """An adaptive policy that lets a batch planner choose K for it (see the module docstring)."""
+
+    batchable: bool
+    k_max: int
+
+    def expected_curve(self, k_max: int) -> list[float]:
+        """Expected tokens of a step with k = 0..k_max drafts for this request (bonus included)."""
+        ...
+
+    def batch_plan(self, k: int) -> "DraftPlan":
+        """This request's plan when the batch drafts k (its own early exits applied to k)."""
+        ...
+
+
+@dataclass
+class BatchPlanner:
+    """One K for a batch of adaptive rows: the K in 0..k_max maximising `batch_goodput` over the rows'
+    acceptance curves and this planner's measured costs (a decoder owns one: forward costs belong
+    to the models and the machine, not to a request, so they carry over from batch to batch).
+    K = 0 (a plain target step) competes; after `probe_every` steps at K = 0 one step drafts the best
+    K >= 1, so the rows' acceptance keeps being measured. Before any cost is measured it drafts
+    `initial_k`."""
+
+    initial_k: int = 4
+    probe_every: int = 16
+    draft: CostLine = field(default_factory=lambda: CostLine(slope_prior=0.5))  # by rows
+    verify: CostLine = field(default_factory=CostLine)  # by tokens (rows x width)
+    zero_steps: int = field(default=0, init=False)
+
+    def rates(self, curves) -> list[float]:
+        return batch_goodput(curves, self.draft.at, self.verify.at)
+
+    # what a GoodputPolicy inherits from (`GoodputPolicy.inherit_costs`): a request arriving at an
+    # idle decoder starts from the costs earlier batches measured, not from a guess
+    @property
+    def draft_cost(self) -> float | None:
+        return self.draft.at(1) if self.draft.known else None
+
+    @property
+    def verify_costs(self) -> dict:
+        return dict(self.verify.points)
+
+    rows = 1
+
+    def choose(self, curves, k_max: int, allow_zero: bool = True) -> int:
+        """curves: per row, expected tokens for k = 0..k_max (see batch_goodput)."""
+        if not self.verify.known or (k_max > 0 and not self.draft.known):
+            k = min(self.initial_k, k_max)
+        else:
+            rates = self.rates(curves)
+            k = 1 if k_max >= 1 else 0
+            for kk in range(2, k_max + 1):
+                if rates[kk] > rates[k] * (1 + 1e-9):
+                    k = kk
+            if k_max == 0 or (allow_zero and rates[0] > rates[k] * (1 + 1e-9) and self.zero_steps < self.probe_every):
+                k = 0
+        self.zero_steps = self.zero_steps + 1 if k == 0 else 0
+        return k
+
+    def observe(self, rows: int, width: int, draft_forwards: int, draft_s: float, verify_s: float) -> None:
+        """One step's measurements: `draft_forwards` draft forwards over `rows` rows took draft_s in all;
+        the verify forward over rows x width tokens took verify_s."""
+        if draft_forwards > 0:
+            self.draft.observe(rows, draft_s / draft_forwards)
+        self.verify.observe(rows * width, verify_s)
 
 
 @dataclass(frozen=True)
@@ -232,10 +356,26 @@ class GoodputPolicy:
             total += reach
         return total
 
-    def inherit_costs(self, other: "GoodputPolicy") -> None:
+    batchable: bool = field(default=True, init=False)
+
+    def expected_curve(self, k_max: int) -> list[float]:
+        """E(0..k_max) for this request; flat beyond its own k_max (its cap)."""
+        out, total, reach = [1.0], 1.0, 1.0
+        for j in range(k_max):
+            if j < self.k_max:
+                reach *= self.position_acceptance(j)
+                total += reach
+            out.append(total)
+        return out
+
+    def batch_plan(self, k: int) -> DraftPlan:
+        return DraftPlan(k, min_confidence=self.min_confidence)
+
+    def inherit_costs(self, other: "GoodputPolicy | BatchPlanner") -> None:
         """Start from another request's measured forward costs (a row joining a running batch: the
         costs are the batch's, and without them the first step would draft `initial_k` for the whole
-        batch). Acceptance stays this request's own."""
+        batch), or from a decoder's BatchPlanner (costs measured by earlier batches). Acceptance
+        stays this request's own."""
         if other.draft_cost is not None and self.draft_cost is None and not self.verify_costs:
             self.draft_cost = other.draft_cost
             self.verify_costs = dict(other.verify_costs)
@@ -313,6 +453,16 @@ class LearnedPolicy:
 
     def plan(self) -> DraftPlan:
         k = self.fixed_cap if self.fixed_cap is not None else self.cap.choose_k()
+        return DraftPlan(k, min_acceptance=self.threshold)
+
+    @property
+    def batchable(self) -> bool:
+        return self.fixed_cap is None
+
+    def expected_curve(self, k_max: int) -> list[float]:
+        return self.cap.expected_curve(k_max)
+
+    def batch_plan(self, k: int) -> DraftPlan:
         return DraftPlan(k, min_acceptance=self.threshold)
 
     def observe(self, feedback: StepFeedback) -> None:

@@ -19,7 +19,9 @@ Protocol (one process, one device; the fairness rules of `dspark bench`):
 - Greedy runs check every output against the baseline's (speculative decoding is lossless).
 
 Per-candidate numbers (definitions of dspark.decode.types):
-- acceptance_rate, mean_accepted_tokens: of the chosen policy's run;
+- acceptance_rate, mean_accepted_tokens: of the chosen policy's run (acceptance_rate: accepted /
+  drafted; when that run drafted nothing, because `auto` found plain target steps faster, it is
+  pooled over all the candidate's runs and `acceptance_rate_from` says "all methods");
 - acceptance_per_position: accepted / drafted at draft position j of the largest static K run
   (dspark.decode.types counts every drafted position, so this is the fraction of steps whose
   first j + 1 drafts were all accepted; position j's conditional acceptance is the ratio of
@@ -231,6 +233,12 @@ def pooled_acceptance(totals: Sequence[MethodTotals]) -> float | None:
     acc = sum(t.stats.accepted for t in totals)
     rej = sum(t.stats.recovered for t in totals)
     return analysis.acceptance_from_counts(acc, rej) if acc + rej else None
+
+
+def pooled_acceptance_rate(totals: Sequence[MethodTotals]) -> float | None:
+    """accepted / drafted over all runs (None when none drafted)."""
+    drafted = sum(t.stats.drafted for t in totals)
+    return sum(t.stats.accepted for t in totals) / drafted if drafted else None
 
 
 # -- the session ---------------------------------------------------------------------------------------
@@ -484,7 +492,10 @@ def _measure(s: Session, entry: Entry) -> dict[str, Any]:
     predicted = predicted_curve(a, c, s.verify_costs, curve_ks) if a is not None else {}
     out.update({
         "draft_length": methods[chosen], "chosen_method": chosen,
-        "acceptance_rate": ch["acceptance_rate"], "mean_accepted_tokens": ch["mean_accepted_tokens"],
+        "acceptance_rate": (ch["acceptance_rate"] if ch["acceptance_rate"] is not None
+                            else pooled_acceptance_rate(list(totals.values()))),
+        "acceptance_rate_from": "chosen method" if ch["acceptance_rate"] is not None else "all methods",
+        "mean_accepted_tokens": ch["mean_accepted_tokens"],
         "acceptance_per_token": a, "acceptance_per_position": summaries[widest]["acceptance_per_position"],
         "acceptance_per_position_k": int(widest[1:]),
         "draft_cost_ratio": c, "draft_step_ms": 1e3 * d1, "target_step_ms": 1e3 * t1,

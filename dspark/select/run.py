@@ -18,7 +18,8 @@ from dspark.select.rank import rank_candidates
 from dspark.select.report import check_out, selection_spec, write_report
 
 DEFINITIONS = {
-    "acceptance_rate": "accepted / drafted draft tokens, in the chosen policy's run",
+    "acceptance_rate": "accepted / drafted draft tokens, in the chosen policy's run (all runs pooled when that "
+                       "run drafted nothing: acceptance_rate_from)",
     "mean_accepted_tokens": "tokens emitted per target forward (verify step), bonus included; target alone = 1.0",
     "acceptance_per_token": "Leviathan's per-token acceptance a = accepted / (accepted + rejections), all runs",
     "acceptance_per_position": "accepted / drafted at draft position j in the largest static-K run: the fraction "

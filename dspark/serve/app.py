@@ -205,7 +205,7 @@ class _Handler:
         for i, ids in enumerate(prompts):
             cfg = self.config(req, len(ids), limit, default_limit, param)
             jobs.append(Job(prompt_ids=ids, config=cfg, emit=_sink(loop, queue, i),
-                            constraint=await self.constraint(req), stop=tuple(req.stop)))
+                            constraint=await self.constraint(req), stop=tuple(req.stop), stream=bool(req.stream)))
         try:
             self.scheduler.submit(jobs)
         except DsparkError as e:

@@ -18,7 +18,8 @@ Fairness: a running batch admits only jobs that arrived before the oldest waitin
 key; once such a job waits, the batch drains and that job's key runs next.
 
 Each job's events go to its `emit` callback (thread-safe; the HTTP side bridges it into asyncio):
-("text", delta) as text becomes safe to send, then ("done", Outcome) or ("error", status, type, msg).
+("text", delta) as text becomes safe to send (streaming jobs only), then ("done", Outcome) or
+("error", status, type, msg).
 
 Speculative stats: every decoder event carries the request's live DecodeStats, so a request ended
 by a `stop` string (answered at once; its row is then dropped from the batch) reports the exact
@@ -65,6 +66,9 @@ class Job:
     emit: Emit
     constraint: Any = None
     stop: tuple[str, ...] = ()
+    # False: the client waits for the whole text, so no ("text", delta) events are sent (each would
+    # wake the HTTP event loop once per decode step for nothing)
+    stream: bool = True
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=itertools.count().__next__)
@@ -109,7 +113,7 @@ class _Row:
 
     def __init__(self, job: Job, tokenizer, policy: str, metrics: ServerMetrics):
         self.job, self.policy, self.metrics = job, policy, metrics
-        self.text = TextStream(tokenizer, job.stop)
+        self.text = TextStream(tokenizer, job.stop, incremental=job.stream or bool(job.stop))
         self.done = False
         self.steps = self.accepted = self.emitted = 0
         self.first_token_at: float | None = None
@@ -131,7 +135,7 @@ class _Row:
         if ev.result is None:
             self.accepted += max(len(ev.token_ids) - 1, 0)
         delta = self.text.push(ev.token_ids)
-        if delta:
+        if delta and self.job.stream:
             self.job.emit(("text", delta))
         if ev.result is not None:
             reason = "stop" if self.text.stopped else ev.result.finish_reason
@@ -149,7 +153,7 @@ class _Row:
 
     def _finish(self, reason: str, spec: dict, stats) -> None:
         tail = self.text.finish()
-        if tail:
+        if tail and self.job.stream:
             self.job.emit(("text", tail))
         self.done = True
         m = self.metrics

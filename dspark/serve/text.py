@@ -55,9 +55,14 @@ def _stop_prefix_len(text: str, end: int, stops: Sequence[str]) -> int:
 class TextStream:
     """Generated ids -> text deltas for one choice (module docstring)."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), incremental: bool = True):
+        """incremental=False (no stop strings only): `push` just collects ids and `finish` decodes them
+        once, for a client that waits for the whole text (per-push decoding is quadratic in length)."""
         self.tokenizer = tokenizer
         self.stops = [s for s in stop if s]
+        if not incremental and self.stops:
+            raise DsparkError("stop strings are found while decoding: a TextStream with stops must be incremental")
+        self.incremental = incremental
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -70,6 +75,8 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.extend(int(i) for i in ids)
+        if not self.incremental:
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.stops:
             start = max(0, self._searched - self._longest + 1)
@@ -91,6 +98,8 @@ class TextStream:
 
     def finish(self) -> str:
         """The rest of the text (held-back characters included) once generation has ended."""
+        if not self.incremental:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return self._flush()
 
     def _flush(self) -> str:

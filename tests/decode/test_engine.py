@@ -491,3 +491,49 @@ def test_adaptive_rows_verify_the_drafts_a_batch_computed_anyway(target):
     # adaptive: 8 drafts verified in the first (shared) step + bonus = 9 tokens in one step
     assert results[0].stats.verify_steps == 1 and results[0].stats.drafted == 8
     assert results[1].stats.verify_steps == 5 and results[2].stats.verify_steps == 1
+
+
+def test_a_batch_of_adaptive_rows_drafts_the_batch_planners_k(target):
+    """Rows with adaptive policies share one K chosen by the decoder's BatchPlanner (not the max of
+    their own choices); a lone row follows its own policy; static rows are never overridden. The
+    planner measures costs from every step, so the next request starts from them."""
+    from dspark.decode.policy import GoodputPolicy, StaticPolicy
+
+    class FixedPlanner:
+        draft_cost, verify_costs, rows = None, {}, 1  # nothing to inherit
+
+        def __init__(self, k):
+            self.k, self.calls = k, []
+
+        def choose(self, curves, k_max, allow_zero=True):
+            self.calls.append((len(curves), k_max))
+            return self.k
+
+        def observe(self, *a):
+            pass
+
+    dec = SpeculativeDecoder(target, bigram_llama(chain_table(V, 1)), None, draft_length="goodput")
+    cfg = GenerationConfig(max_new_tokens=9)
+    res = dec.generate([[0]], cfg)[0]
+    assert dec.batch_planner.verify.known and dec.batch_planner.draft.known  # measured by that request
+    assert res.token_ids == list(range(1, 10))
+    dec.batch_planner = FixedPlanner(2)
+    res = dec.generate([[0], [5]], cfg)
+    assert [r.token_ids for r in res] == [list(range(1, 10)), list(range(6, 15))]
+    assert all(r.stats.drafted_per_position[2:] in ([], [0] * (len(r.stats.drafted_per_position) - 2))
+               for r in res)  # never a third draft
+    assert all(r.stats.verify_steps == 3 for r in res)  # 2 accepted + bonus = 3 tokens per step
+    assert dec.batch_planner.calls and all(n == 2 for n, _ in dec.batch_planner.calls)
+    def run(prompts, policies):
+        s = dec.session()
+        s.add(prompts, cfg, policies=policies)
+        out = {}
+        while s.active:
+            out.update({ev.row: ev.result for ev in s.step() if ev.result is not None})
+        return [out[i] for i in range(len(prompts))]
+
+    dec.batch_planner.calls.clear()
+    run([[0]], [GoodputPolicy()])
+    assert dec.batch_planner.calls == []  # one row: its own policy decides
+    mixed = run([[0], [0]], [GoodputPolicy(), StaticPolicy(1)])
+    assert dec.batch_planner.calls == [] and mixed[1].stats.verify_steps == 5

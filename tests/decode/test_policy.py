@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dspark.decode.policy import (AUTO_CONFIDENCE, ConfidencePolicy, GoodputPolicy, LearnedPolicy, PolicyContext,
-                                  StaticPolicy, StepFeedback, analytical_speedup, best_draft_length,
-                                  expected_tokens, parse_draft_length)
+from dspark.decode.policy import (AUTO_CONFIDENCE, BatchablePolicy, BatchPlanner, ConfidencePolicy, CostLine,
+                                  GoodputPolicy, LearnedPolicy, PolicyContext, StaticPolicy, StepFeedback,
+                                  analytical_speedup, batch_goodput, best_draft_length, expected_tokens,
+                                  parse_draft_length)
 from dspark.errors import DsparkError
 
 HEAD = PolicyContext(has_draft=True, has_acceptance_head=True)
@@ -160,3 +161,81 @@ def test_a_joining_request_inherits_measured_costs_but_not_acceptance():
     learned = LearnedPolicy()
     learned.inherit_costs(running)
     assert learned.cap.draft_cost == running.draft_cost
+
+
+def test_cost_line_fits_sizes_and_uses_the_slope_prior_before_two_sizes():
+    line = CostLine(momentum=0.0, slope_prior=0.5)
+    assert not line.known
+    line.observe(1, 0.010)
+    assert line.at(1) == pytest.approx(0.010) and line.at(3) == pytest.approx(0.010 * 2)
+    line.observe(3, 0.016)
+    assert line.at(2) == pytest.approx(0.013) and line.at(5) == pytest.approx(0.022)
+    line.observe(5, 0.0)  # ignored: not a measurement
+    assert line.at(5) == pytest.approx(0.022)
+
+
+def test_batch_goodput_identities():
+    """One row: the batch rate is that row's Leviathan rate; B identical rows: B x the tokens."""
+    a, cd = 0.7, 0.002
+    curve = [expected_tokens(a, k) for k in range(5)]
+    verify = lambda n: 0.01 + 0.001 * n  # noqa: E731
+    one = batch_goodput([curve], lambda b: cd, verify)
+    assert one[0] == pytest.approx(1 / verify(1))
+    assert one[3] == pytest.approx(expected_tokens(a, 3) / (3 * cd + verify(4)))
+    four = batch_goodput([curve] * 4, lambda b: cd * b, verify)
+    assert four[2] == pytest.approx(4 * expected_tokens(a, 2) / (2 * 4 * cd + verify(12)))
+    assert batch_goodput([], lambda b: cd, verify) == []
+
+
+def _planner(fixed: float, per_token: float, draft: float = 0.0005) -> BatchPlanner:
+    pl = BatchPlanner()
+    for rows in (1, 8):
+        for w in (1, 2, 5):
+            for _ in range(5):
+                pl.observe(rows, w, w - 1, draft * (w - 1) * rows ** 0.5, fixed + per_token * rows * w)
+    return pl
+
+
+def test_batch_planner_one_k_for_the_batch_from_the_rows_curves():
+    good = [expected_tokens(0.9, k) for k in range(9)]
+    bad = [expected_tokens(0.05, k) for k in range(9)]
+    cold = BatchPlanner(initial_k=4)
+    assert cold.choose([good, bad], 8) == 4  # nothing measured yet
+    overhead_bound = _planner(fixed=0.010, per_token=0.00001)
+    assert overhead_bound.choose([good] * 8, 8) >= 3  # forwards cost the same at any width: draft deep
+    k_mixed = overhead_bound.choose([good] * 4 + [bad] * 4, 8)
+    assert 1 <= k_mixed < overhead_bound.choose([good] * 8, 8)  # the batch's acceptance, not its best row's
+    compute_bound = _planner(fixed=0.002, per_token=0.001)
+    assert compute_bound.choose([good] * 8, 8) < overhead_bound.choose([good] * 8, 8)
+    assert compute_bound.choose([bad] * 8, 8) == 0  # drafts do not pay: plain target steps
+
+
+def test_batch_planner_probes_once_every_probe_every_steps():
+    pl = _planner(fixed=0.002, per_token=0.001)
+    pl.probe_every = 3
+    bad = [expected_tokens(0.05, k) for k in range(5)]
+    assert [pl.choose([bad] * 8, 4) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert pl.choose([bad] * 8, 4, allow_zero=False) == 1
+    assert pl.choose([bad] * 8, 0) == 0  # no row may draft (length limits)
+
+
+def test_adaptive_policies_are_batchable_and_keep_their_early_exits():
+    g = GoodputPolicy(min_confidence=0.3)
+    assert isinstance(g, BatchablePolicy) and g.batchable
+    assert g.expected_curve(3) == pytest.approx([1.0, 1.6, 1.96, 2.176])  # prior acceptance 0.6
+    assert g.batch_plan(5) == type(g.plan())(5, min_confidence=0.3)
+    capped = GoodputPolicy(k_max=1)
+    assert capped.expected_curve(3)[1:] == pytest.approx([1.6, 1.6, 1.6])  # flat past its own cap
+    learned = LearnedPolicy(threshold=0.4)
+    assert learned.batchable and learned.batch_plan(6).min_acceptance == 0.4
+    assert not LearnedPolicy(fixed_cap=3).batchable
+    assert not getattr(StaticPolicy(2), "batchable", False)
+
+
+def test_a_request_at_an_idle_decoder_inherits_the_planners_costs():
+    pl = _planner(fixed=0.004, per_token=0.001)
+    new = GoodputPolicy()
+    new.inherit_costs(pl)
+    assert new.draft_cost == pytest.approx(pl.draft.at(1)) and new.verify_costs == pl.verify.points
+    assert new.accepted == 0 and GoodputPolicy().choose_k() == 4  # cold: the initial guess
+    assert new.choose_k() == 1  # measured costs: one draft pays at the prior acceptance, four do not

@@ -79,9 +79,10 @@ class ScriptedDecoder:
         return ScriptedSession(self)
 
 
-def _job(prompt, sink, temperature=0.0, seed=None, stop=()):
+def _job(prompt, sink, temperature=0.0, seed=None, stop=(), stream=True):
     cfg = GenerationConfig(max_new_tokens=64, temperature=temperature, seed=seed)
-    return Job(prompt_ids=prompt, config=cfg, emit=lambda item: sink.put((prompt[0], item)), stop=tuple(stop))
+    return Job(prompt_ids=prompt, config=cfg, emit=lambda item: sink.put((prompt[0], item)), stop=tuple(stop),
+               stream=stream)
 
 
 def _drain(sink: queue.Queue) -> dict[int, list]:
@@ -134,6 +135,27 @@ def test_jobs_queued_together_are_decoded_together_and_finish_with_stats():
     assert dec.cancelled == []  # finished rows left the batch on their own
     assert out[3][-1][1].text == " world"
     assert metrics.generation_tokens.total() == 4 and metrics.batch_size.count == 1
+
+
+def test_non_streaming_jobs_get_only_their_outcome():
+    """A client that waits for the whole text gets no per-step text events (each would wake the HTTP
+    event loop), and the same final text; a stop string still cuts it."""
+    dec = ScriptedDecoder({1: [[1], [2], [3]], 3: [[1], [2], [3]]})
+    sched, metrics = _scheduler(dec, max_batch_size=8, batch_window_s=0.0)
+    sink = queue.Queue()
+    sched.submit([_job([1, 0], sink, stream=False), _job([3, 0], sink, stream=False, stop=("o w",))])
+    sched.start()
+    try:
+        for _ in range(200):
+            if metrics.requests.total() == 2:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        sched.stop()
+    out = _drain(sink)
+    assert [i[0] for i in out[1]] == ["done"] and out[1][0][1].text == "hello wor"
+    assert [i[0] for i in out[3]] == ["done"] and out[3][0][1].text == "hell"
+    assert out[3][0][1].finish_reason == "stop"
 
 
 def test_stop_string_answers_early_with_exact_stats_and_leaves_the_batch():

@@ -96,3 +96,20 @@ def test_real_tokenizer_streams_the_same_text():
     assert joined == text[:text.index("# na")] and s.stopped
     s = TextStream(tok)
     assert "".join(s.push([i]) for i in ids) + s.finish() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_non_incremental_stream_decodes_once_to_the_same_text():
+    calls = []
+
+    class Counting(ByteTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            calls.append(len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    steps = [[1], [2, 5], [6], [3, 4], [EOS]]
+    lazy = TextStream(Counting(), incremental=False)
+    deltas, joined = _run(lazy, steps)
+    assert deltas[:-1] == [""] * len(steps) and calls == [7]  # one decode of all 7 ids, at the end
+    assert joined == lazy.text == _run(TextStream(ByteTokenizer()), steps)[1] == "helloé world"
+    with pytest.raises(Exception, match="stop strings"):
+        TextStream(ByteTokenizer(), stop=["x"], incremental=False)
