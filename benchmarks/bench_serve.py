@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3, help="Requests per client, in both phases.")
     ap.add_argument("--max-tokens", type=int, default=48, help="Completion tokens per request (eos ignored).")
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--batch-window-ms", type=float, default=10.0)
+    ap.add_argument("--batch-window-ms", type=float, default=0.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server (default: torch's).")

@@ -35,8 +35,12 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dspark-site .whl/*.whl \
-    && export PYTHONPATH=/tmp/dspark-site${PYTHONPATH:+:$PYTHONPATH}
+  # by name from .whl/: pip picks the wheel built for this python (.whl/ may hold several builds of
+  # a binary package such as pydantic-core)
+  names=$(ls .whl/*.whl | sed 's#.*/##; s/-.*//' | sort -u)
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dspark-site $names && export PYTHONPATH=/tmp/dspark-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DSPARK_TEST_DEVICE=$DEVICE

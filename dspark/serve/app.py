@@ -257,7 +257,7 @@ class _Handler:
 
 
 def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_size: int = 8,
-               batch_window_s: float = 0.01) -> FastAPI:
+               batch_window_s: float = 0.0) -> FastAPI:
     """The FastAPI app; the scheduler thread starts and stops with the app's lifespan."""
     if api_key is not None and not api_key.strip():
         raise DsparkError("--api-key must not be empty")

@@ -96,7 +96,7 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout
 
 def serve_bundle(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_batch_size: int = 8, device: str = "auto", dtype: str = "auto",
-                 batch_window_ms: float = 10.0, threads: int | None = None,
+                 batch_window_ms: float = 0.0, threads: int | None = None,
                  log: Callable[[str], None] = print) -> None:
     """Load the bundle and serve it until interrupted (Ctrl-C). threads: torch's CPU threads for the
     decoder (None: torch's default)."""

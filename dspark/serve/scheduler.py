@@ -1,7 +1,8 @@
 """The scheduler: one thread that owns the decoder and runs continuous batching.
 
-Requests (`Job`s) queue up. When the decoder is idle the scheduler waits up to `batch_window_s` for
-companions (or until `max_batch_size` are waiting), opens a decode session (`decoder.session()`, a
+Requests (`Job`s) queue up. When the decoder is idle the scheduler waits up to `batch_window_s`
+(default 0: measured, a wait only delayed lone requests, since late arrivals join at the next step
+anyway) for companions (or until `max_batch_size` are waiting), opens a decode session (`decoder.session()`, a
 running batch) with the oldest job and every waiting job that may share its batch, and steps it.
 Between any two decode steps it admits more waiting jobs with the batch's key into the running
 batch (each new prompt is prefilled alone and joins the others' KV caches), up to
@@ -177,7 +178,7 @@ class Scheduler:
     """Owns the decoder's thread."""
 
     def __init__(self, decoder, tokenizer, *, policy: str, metrics: ServerMetrics, max_batch_size: int = 8,
-                 batch_window_s: float = 0.01):
+                 batch_window_s: float = 0.0):
         if max_batch_size < 1:
             raise DsparkError(f"--max-batch-size must be >= 1, got {max_batch_size}")
         if batch_window_s < 0:
