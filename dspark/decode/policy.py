@@ -337,17 +337,9 @@ class GoodputPolicy:
         return self.verify_cost_at(2) if self.verify_costs else None
 
     def verify_cost_at(self, width: int) -> float:
-        """Seconds of a verify forward over `width` tokens in all (rows x K + 1)."""
-        pts = sorted(self.verify_costs.items())
-        if len(pts) == 1:
-            n0, t0 = pts[0]
-            sp = self.verify_slope_prior  # t(n) = t(1) * (1 + sp * (n - 1))
-            return t0 * (1 + sp * (width - 1)) / (1 + sp * (n0 - 1))
-        n_mean = sum(n for n, _ in pts) / len(pts)
-        t_mean = sum(t for _, t in pts) / len(pts)
-        var = sum((n - n_mean) ** 2 for n, _ in pts)
-        slope = max(sum((n - n_mean) * (t - t_mean) for n, t in pts) / var, 0.0)
-        return max(t_mean + slope * (width - n_mean), 1e-9)
+        """Seconds of a verify forward over `width` tokens in all (rows x K + 1): the CostLine through
+        this request's measured sizes."""
+        return CostLine(slope_prior=self.verify_slope_prior, points=self.verify_costs).at(width)
 
     def expected_tokens(self, k: int) -> float:
         total, reach = 1.0, 1.0
