@@ -370,7 +370,9 @@ def serve_bundle_cmd(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DSPARK_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY)."),
     max_batch_size: int = typer.Option(8, help="Most concurrent requests decoded together."),
-    batch_window_ms: float = typer.Option(0.0, help="How long an idle server waits for companions of a request (late arrivals join the running batch at its next step anyway)."),
+    batch_window_ms: float = typer.Option(
+        0.0, help="How long an idle server waits for companions of a request (late arrivals join the running "
+                  "batch at its next step anyway)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding (default: torch's)."),

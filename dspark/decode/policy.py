@@ -191,7 +191,8 @@ class BatchPlanner:
             for kk in range(2, k_max + 1):
                 if rates[kk] > rates[k] * (1 + 1e-9):
                     k = kk
-            if k_max == 0 or (allow_zero and rates[0] > rates[k] * (1 + 1e-9) and self.zero_steps < self.probe_every):
+            zero_wins = allow_zero and rates[0] > rates[k] * (1 + 1e-9) and self.zero_steps < self.probe_every
+            if k_max == 0 or zero_wins:
                 k = 0
         self.zero_steps = self.zero_steps + 1 if k == 0 else 0
         return k
