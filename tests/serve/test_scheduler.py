@@ -112,20 +112,25 @@ def _scheduler(decoder, **kw):
     return Scheduler(decoder, ByteTokenizer(), policy="auto", metrics=metrics, **kw), metrics
 
 
+def _run_until_finished(sched: Scheduler, metrics: ServerMetrics, n: int, timeout_s: float = 10.0) -> None:
+    """Start the scheduler on the jobs already queued, wait until n requests finished, stop it."""
+    sched.start()
+    try:
+        for _ in range(int(timeout_s / 0.05)):
+            if metrics.requests.total() == n:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        sched.stop()
+
+
 def test_jobs_queued_together_are_decoded_together_and_finish_with_stats():
     dec = ScriptedDecoder({1: [[1], [2]], 3: [[3, 4]]})
     sched, metrics = _scheduler(dec, max_batch_size=8, batch_window_s=0.0)
     sink = queue.Queue()
     jobs = [_job([1, 0], sink), _job([3, 0], sink)]
     sched.submit(jobs)  # queued before the thread starts: one batch, deterministically
-    sched.start()
-    try:
-        for _ in range(200):
-            if metrics.requests.total() == 2:
-                break
-            threading.Event().wait(0.05)
-    finally:
-        sched.stop()
+    _run_until_finished(sched, metrics, 2)
     assert dec.sessions == [[[1, 0], [3, 0]]] and sched.batches == 1
     out = _drain(sink)
     done1 = out[1][-1][1]
@@ -144,14 +149,7 @@ def test_non_streaming_jobs_get_only_their_outcome():
     sched, metrics = _scheduler(dec, max_batch_size=8, batch_window_s=0.0)
     sink = queue.Queue()
     sched.submit([_job([1, 0], sink, stream=False), _job([3, 0], sink, stream=False, stop=("o w",))])
-    sched.start()
-    try:
-        for _ in range(200):
-            if metrics.requests.total() == 2:
-                break
-            threading.Event().wait(0.05)
-    finally:
-        sched.stop()
+    _run_until_finished(sched, metrics, 2)
     out = _drain(sink)
     assert [i[0] for i in out[1]] == ["done"] and out[1][0][1].text == "hello wor"
     assert [i[0] for i in out[3]] == ["done"] and out[3][0][1].text == "hell"
