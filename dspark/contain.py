@@ -21,10 +21,16 @@ GPTQMODEL_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_O
 def third_party_contained(env_keys: tuple[str, ...] = GPTQMODEL_ENV) -> Iterator[None]:
     """Inside: whatever is printed to stdout goes to stderr. On exit, the environment variables
     `env_keys` are back to what they were before (set, changed or removed inside)."""
-    before = {k: os.environ.get(k) for k in env_keys}
+    with restored_env(env_keys), contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
+def restored_env(keys) -> Iterator[None]:
+    """On exit, the environment variables `keys` are back to what they were on entry."""
+    before = {k: os.environ.get(k) for k in keys}
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
+        yield
     finally:
         for k, v in before.items():
             if v is None:
@@ -33,4 +39,4 @@ def third_party_contained(env_keys: tuple[str, ...] = GPTQMODEL_ENV) -> Iterator
                 os.environ[k] = v
 
 
-__all__ = ["GPTQMODEL_ENV", "third_party_contained"]
+__all__ = ["GPTQMODEL_ENV", "restored_env", "third_party_contained"]

@@ -3,7 +3,9 @@ a single torch thread (the suite shares 2 cores; oversubscribed threads slow tin
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,20 @@ def need_builtins(*names: str) -> None:
     for n in names:
         if not (BUILTIN / n).is_dir():
             pytest.skip(f"built-in model {n} is not built")
+
+
+OFFLINE_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline_env():
+    """The offline switches set inside, restored on exit: for session and module fixtures, which
+    cannot use monkeypatch."""
+    from dspark.contain import restored_env
+
+    with restored_env(OFFLINE_KEYS):
+        os.environ.update({k: "1" for k in OFFLINE_KEYS})
+        yield
 
 
 @pytest.fixture(autouse=True)

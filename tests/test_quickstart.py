@@ -5,7 +5,6 @@ which need no models."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 
 from dspark.cli import app
 from dspark.errors import DsparkError
+from tests.common import offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = REPO / "dspark" / "models" / "builtin"
@@ -25,18 +25,9 @@ def quickstart_run(tmp_path_factory):
     for name in FAMILY:
         if not (BUILTIN / name).is_dir():
             pytest.skip(f"built-in model {name} is not built")
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    try:
+    with offline_env():
         result = CliRunner().invoke(app, ["quickstart", "--fast", "--out", str(out), "--device", "cpu", "--json"])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert result.exit_code == 0, (result.output, result.exception)
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     return out, summary

@@ -63,9 +63,9 @@ import torch
 from dspark.decode.constraints import TokenConstraint, fit_mask
 from dspark.decode.fastpath import LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
-from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback, parse_draft_length
-from dspark.decode.requests import (check_constraints, check_prompts, collect_results, make_policies,
-                                    default_stop_ids, per_prompt_configs, stop_ids_for, timed_call)
+from dspark.decode.policy import DraftLengthPolicy, PolicyContext, PolicyFactory, StepFeedback
+from dspark.decode.requests import (check_constraints, check_prompts, checked_policy_factory, collect_results,
+                                    make_policies, per_prompt_configs, resolve_stop_ids, stop_ids_for, timed_call)
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.tokenmap import TokenBytes, intersection, token_bytes
 from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig, commit_step
@@ -304,11 +304,9 @@ class CrossTokenizerDecoder:
         self.intersection_size = len(pairs)
         self.intersection_fraction = len(pairs) / self.vocab if self.vocab else 0.0
         self.acceptance_head = None
-        self.policy_factory = parse_draft_length(draft_length)
         self.policy_context = PolicyContext(has_draft=True, has_acceptance_head=False)
-        self.policy_factory.check(self.policy_context)
-        self.default_stop_ids = (tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None
-                                 else default_stop_ids(tokenizer, target_model))
+        self.policy_factory = checked_policy_factory(draft_length, self.policy_context)
+        self.default_stop_ids = resolve_stop_ids(stop_token_ids, tokenizer, target_model)
 
     @property
     def context_length(self) -> int:

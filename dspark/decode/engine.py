@@ -69,10 +69,9 @@ from dspark.decode.acceptance_head import AcceptanceHead, has_acceptance_head, l
 from dspark.decode.constraints import TokenConstraint, fit_mask
 from dspark.decode.fastpath import KVBuffer, LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
-from dspark.decode.policy import (BatchPlanner, DraftLengthPolicy, DraftPlan, PolicyContext, PolicyFactory,
-                                  StepFeedback, parse_draft_length)
-from dspark.decode.requests import (check_constraints, check_prompts, collect_results, make_policies,
-                                    default_stop_ids, per_prompt_configs, stop_ids_for, timed_call)
+from dspark.decode.policy import BatchPlanner, DraftLengthPolicy, DraftPlan, PolicyContext, PolicyFactory, StepFeedback
+from dspark.decode.requests import (check_constraints, check_prompts, checked_policy_factory, collect_results,
+                                    make_policies, per_prompt_configs, resolve_stop_ids, stop_ids_for, timed_call)
 from dspark.decode.sampling import make_generator, warp_logits
 from dspark.decode.types import DecodeResult, DecodeStats, GenerationConfig, commit_step
 from dspark.decode.verify import check_same_tokenizer, common_vocab_size, verify_greedy, verify_sampling
@@ -415,14 +414,12 @@ class SpeculativeDecoder:
         self.vocab = common_vocab_size(self.target.vocab, self.draft.vocab if self.draft else None, tok_len)
         self.embed_limit = min(self.target.vocab, self.draft.vocab if self.draft else self.target.vocab)
         self.acceptance_head = self._load_head(acceptance_head)
-        self.policy_factory = parse_draft_length(draft_length)
-        # one K for a batch of adaptive rows, from costs measured across every batch of this decoder
-        self.batch_planner = BatchPlanner()
         self.policy_context = PolicyContext(has_draft=self.draft is not None,
                                             has_acceptance_head=self.acceptance_head is not None)
-        self.policy_factory.check(self.policy_context)
-        self.default_stop_ids = (tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None
-                                 else default_stop_ids(tokenizer, target_model))
+        self.policy_factory = checked_policy_factory(draft_length, self.policy_context)
+        # one K for a batch of adaptive rows, from costs measured across every batch of this decoder
+        self.batch_planner = BatchPlanner()
+        self.default_stop_ids = resolve_stop_ids(stop_token_ids, tokenizer, target_model)
 
     @property
     def context_length(self) -> int:
@@ -630,14 +627,8 @@ class DecodeSession:
         self.gen_counts.append(0)
         self.started.append(time.perf_counter())
         self.draft_ok.append(ok)
-        if hasattr(pol, "inherit_costs"):
-            for r in self.rows:  # forward costs are the batch's: learn them from a running row
-                other = self.policies[r]
-                if type(other) is type(pol):
-                    pol.inherit_costs(other)
-                    break
-            else:  # or from what earlier batches of this decoder measured
-                pol.inherit_costs(dec.batch_planner)
+        if hasattr(pol, "inherit_costs"):  # forward costs belong to the decoder: start from its measurements
+            pol.inherit_costs(dec.batch_planner)
         # prefill everything but the last prompt token (it is fed, as the pending token, by the first
         # step), alone: a padded batch prefill would compute the padding too
         t_one = _Slots(dec.target, 1)

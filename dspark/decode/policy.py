@@ -169,8 +169,8 @@ class BatchPlanner:
     def rates(self, curves) -> list[float]:
         return batch_goodput(curves, self.draft.at, self.verify.at)
 
-    # what a GoodputPolicy inherits from (`GoodputPolicy.inherit_costs`): a request arriving at an
-    # idle decoder starts from the costs earlier batches measured, not from a guess
+    # what a GoodputPolicy inherits from (`GoodputPolicy.inherit_costs`): every new request starts
+    # from the costs this decoder measured, not from a guess
     @property
     def draft_cost(self) -> float | None:
         return self.draft.at(1) if self.draft.known else None

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from dspark.decode.policy import DraftLengthPolicy, PolicyContext, parse_draft_length
+from dspark.decode.policy import CustomPolicyFactory, DraftLengthPolicy, PolicyContext, PolicyFactory, parse_draft_length
 from dspark.decode.types import GenerationConfig
 from dspark.errors import DsparkError
 
@@ -103,6 +103,21 @@ def timed_call(device: torch.device, fn, *args):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - t0
+
+
+def checked_policy_factory(draft_length, context: PolicyContext) -> PolicyFactory | CustomPolicyFactory:
+    """A decoder's draft length parsed and checked against what the decoder can run (`context`);
+    raises DsparkError (e.g. `learned` without an acceptance head)."""
+    factory = parse_draft_length(draft_length)
+    factory.check(context)
+    return factory
+
+
+def resolve_stop_ids(stop_token_ids, tokenizer, model) -> tuple[int, ...]:
+    """A decoder's default stop ids: the ones given, else `default_stop_ids`."""
+    if stop_token_ids is not None:
+        return tuple(int(t) for t in stop_token_ids)
+    return default_stop_ids(tokenizer, model)
 
 
 def default_stop_ids(tokenizer, model) -> tuple[int, ...]:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.common import offline_env
 
 REPO = Path(__file__).resolve().parents[2]
 BUILTIN = REPO / "dspark" / "models" / "builtin"
@@ -52,16 +52,8 @@ def bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundle")
     sel = write_selection(root / "select")
-    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
+    with offline_env():
         export_bundle(root / "b", selection=sel)
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return root / "b"
 
 

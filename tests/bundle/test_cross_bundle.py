@@ -17,6 +17,7 @@ from dspark.cli import app
 from dspark.errors import DsparkError
 from dspark.io import atomic_write_yaml
 from tests.bundle.conftest import BUILTIN, TARGET
+from tests.common import offline_env
 
 XDRAFT = "tiny-code-draft-xbpe"
 
@@ -26,19 +27,9 @@ pytestmark = pytest.mark.skipif(not ((BUILTIN / TARGET).is_dir() and (BUILTIN / 
 
 @pytest.fixture(scope="module")
 def cross_bundle(tmp_path_factory):
-    import os
-
     out = tmp_path_factory.mktemp("xb") / "b"
-    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
+    with offline_env():
         result = export_bundle(out, target=TARGET, draft=XDRAFT, draft_length="2")
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out, result
 
 

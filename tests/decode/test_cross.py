@@ -23,7 +23,7 @@ from dspark.decode.verify import VerifyResult
 from dspark.errors import DsparkError, IncompatibleTokenizersError
 from tests.decode.decode_models import single_thread  # noqa: F401  (autouse fixture)
 from tests.decode.decode_models import BUILTIN, STORIES, TINY_DRAFT, TINY_TARGET, hf_greedy, load_hf, random_llama
-from tests.decode.test_sampling_engine import chi_square
+from tests.decode.test_sampling_engine import chi_square, exact_joint
 
 XBPE = BUILTIN / "tiny-code-draft-xbpe"
 MAX_NEW = 24
@@ -326,16 +326,6 @@ def small_pair():
     return ttok, target, dtok, draft
 
 
-def exact_joint(target, temperature, top_k, top_p) -> torch.Tensor:
-    from dspark.decode.sampling import warp_logits
-
-    with torch.inference_mode():
-        p1 = warp_logits(target(torch.tensor([PROMPT])).logits[0, -1], temperature, top_k, top_p)
-        seqs = torch.tensor([PROMPT + [x] for x in range(VOCAB)])
-        p2 = warp_logits(target(seqs).logits[:, -1], temperature, top_k, top_p)
-    return p1[:, None] * p2
-
-
 def sample_pairs(small_pair, cfg, n=N):
     ttok, target, dtok, draft = small_pair
     dec = CrossTokenizerDecoder(target, draft, ttok, "3", draft_tokenizer=dtok)
@@ -351,7 +341,7 @@ def test_intersection_sampling_follows_the_target(small_pair, temperature, top_k
     cfg = GenerationConfig(max_new_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=1234,
                            ignore_eos=True)
     samples, res = sample_pairs(small_pair, cfg)
-    joint = exact_joint(target, temperature, top_k, top_p)
+    joint = exact_joint(target, temperature, top_k, top_p, PROMPT)
     stat, threshold = chi_square(samples, joint, N)
     assert stat < threshold, (stat, threshold)
     drafted = sum(r.stats.drafted for r in res)
@@ -372,7 +362,7 @@ def test_negative_control_uncorrected_draft_sampling_fails(small_pair, monkeypat
     monkeypatch.setattr(cross_mod, "verify_sampling", accept_all)
     cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, seed=1234, ignore_eos=True)
     samples, _ = sample_pairs(small_pair, cfg, n=1500)
-    stat, threshold = chi_square(samples, exact_joint(target, 1.0, 0, 1.0), 1500)
+    stat, threshold = chi_square(samples, exact_joint(target, 1.0, 0, 1.0, PROMPT), 1500)
     assert stat > threshold, (stat, threshold)
 
 

@@ -517,6 +517,10 @@ def test_a_batch_of_adaptive_rows_drafts_the_batch_planners_k(target):
     res = dec.generate([[0]], cfg)[0]
     assert dec.batch_planner.verify.known and dec.batch_planner.draft.known  # measured by that request
     assert res.token_ids == list(range(1, 10))
+    joining = GoodputPolicy()
+    dec.session().add([[3]], cfg, policies=[joining])
+    assert joining.draft_cost == pytest.approx(dec.batch_planner.draft_cost)  # not a cold guess
+    assert joining.verify_costs == dec.batch_planner.verify_costs and joining.accepted == 0
     dec.batch_planner = FixedPlanner(2)
     res = dec.generate([[0], [5]], cfg)
     assert [r.token_ids for r in res] == [list(range(1, 10)), list(range(6, 15))]

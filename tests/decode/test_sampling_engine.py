@@ -33,11 +33,11 @@ def pair():
     return target, noised_copy(target, 0.1, seed=1)  # joint TV to the target ~0.55: both paths matter
 
 
-def exact_joint(target, temperature, top_k, top_p) -> torch.Tensor:
-    """[V, V]: P(x1, x2) under the target's warped distribution."""
+def exact_joint(target, temperature, top_k, top_p, prompt: list[int] = PROMPT) -> torch.Tensor:
+    """[V, V]: P(x1, x2) after `prompt` under the target's warped distribution."""
     with torch.inference_mode():
-        p1 = warp_logits(target(torch.tensor([PROMPT])).logits[0, -1], temperature, top_k, top_p)
-        seqs = torch.tensor([PROMPT + [x] for x in range(VOCAB)])
+        p1 = warp_logits(target(torch.tensor([prompt])).logits[0, -1], temperature, top_k, top_p)
+        seqs = torch.tensor([prompt + [x] for x in range(p1.shape[-1])])
         p2 = warp_logits(target(seqs).logits[:, -1], temperature, top_k, top_p)
     return p1[:, None] * p2
 

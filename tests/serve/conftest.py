@@ -3,32 +3,15 @@ and one real uvicorn server on a free 127.0.0.1 port, shared by the module's tes
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.common import offline_env
+
 REPO = Path(__file__).resolve().parents[2]
 BUILTIN = REPO / "dspark" / "models" / "builtin"
 TARGET, DRAFT = "tiny-code-draft-m", "tiny-code-draft-s"
-
-
-
-@contextlib.contextmanager
-def offline():
-    """Session fixtures cannot use monkeypatch: set the offline switches and restore them."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _need_pair() -> None:
@@ -43,7 +26,7 @@ def serve_bundle_dir(tmp_path_factory):
     from dspark.bundle.export import export_bundle
 
     out = tmp_path_factory.mktemp("serve") / "bundle"
-    with offline():
+    with offline_env():
         export_bundle(out, target=TARGET, draft=DRAFT, name="tiny-pair")
     return out
 
@@ -55,7 +38,7 @@ def runtime(serve_bundle_dir):
     from dspark.serve.runtime import runtime_from_bundle
 
     torch.manual_seed(0)
-    with offline():
+    with offline_env():
         return runtime_from_bundle(serve_bundle_dir, device="cpu", dtype="float32")
 
 
