@@ -22,10 +22,9 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator
 
-from dspark.config.base import StrictModel
+from dspark.config.base import StrictModel, clip, read_yaml
 from dspark.errors import DsparkError
 
 MANIFEST_NAME = "dspark-bundle.yaml"
@@ -180,23 +179,21 @@ def check_relative_path(rel: str) -> str:
     """A manifest path must stay inside the bundle: relative, POSIX, no '..', not the manifest."""
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or rel == MANIFEST_NAME:
-        raise ValueError(f"file path {rel!r} must be a relative path inside the bundle")
+        raise ValueError(f"file path {clip(repr(rel))} must be a relative path inside the bundle")
     return rel
 
 
 def read_manifest(bundle: str | os.PathLike) -> BundleManifest:
-    """Load and validate BUNDLE/dspark-bundle.yaml; DsparkError naming the file on any problem."""
+    """Load and validate BUNDLE/dspark-bundle.yaml; DsparkError naming the file on any problem (a
+    file over 4 MiB, or one whose YAML aliases expand it past 100k nodes, is refused unread:
+    `dspark.config.base.read_yaml`)."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise DsparkError(f"bundle {str(bundle)!r} is not a folder (make one with `dspark export`)")
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise DsparkError(f"bundle {str(bundle)!r} has no {MANIFEST_NAME}: not a dspark bundle, or incomplete")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DsparkError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return BundleManifest.parse(data, where=str(path))
+    return BundleManifest.parse(read_yaml(path), where=str(path))
 
 
 def load_selection(path: str | os.PathLike) -> SelectionSpec:
