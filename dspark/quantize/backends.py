@@ -291,7 +291,10 @@ class QuantoBackend:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
-        state = load_file(str(weights))
+        # safetensors hands out tensors at their offsets in the file (8-byte aligned) and requantize
+        # keeps them: torch's int8 weight-pack matmul (quanto's bf16 CPU path) segfaults on such a
+        # weight on AVX512 CPUs. A copy lives in torch's own (64-byte aligned) memory.
+        state = {k: v.clone() for k, v in load_file(str(weights)).items()}
         requantize(model, state_dict=state, quantization_map=qmap, device=device)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if tied:

@@ -57,6 +57,7 @@ def source():
 
 
 @pytest.mark.skipif(not have("optimum.quanto"), reason="optimum-quanto is not installed")
+@isolated
 def test_quanto_int8_with_guard(tmp_path, source):
     from dspark.models import load_model
     from dspark.quantize.loading import has_quantized_linears, load_draft
