@@ -22,7 +22,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from dspark.config.base import StrictModel, clip, read_yaml
 from dspark.errors import DsparkError
@@ -36,9 +36,16 @@ SGLANG_FILE = "sglang.sh"
 README_FILE = "README.md"
 
 QUANTIZATIONS = ("none", "int8", "int4", "nf4", "gptq4")
+# The longest string a manifest or selection field may hold (a path is at most 4096 bytes on Linux):
+# names from a manifest reach error messages, so none is unbounded.
+MAX_TEXT = 4096
 
 
-class Metrics(StrictModel):
+class BundleModel(StrictModel):
+    model_config = ConfigDict(str_max_length=MAX_TEXT)
+
+
+class Metrics(BundleModel):
     """Measured numbers for the pair, as `dspark select` reports them (all optional: a bundle exported
     from --target/--draft has none). Definitions follow dspark.decode.types (mean accepted tokens per
     target forward includes the bonus token; acceptance rate = accepted / drafted)."""
@@ -68,7 +75,7 @@ class Metrics(StrictModel):
         return {k: v for k, v in self.model_dump().items() if v is not None and not (k == "projected" and not v)}
 
 
-class SelectionSpec(StrictModel):
+class SelectionSpec(BundleModel):
     """What `dspark export --selection FILE` reads: the winning candidate written by `dspark select`
     (its candidate spec plus the measured numbers). `draft` (and `target`, when it is a path) may be
     relative to the selection file's folder."""
@@ -92,7 +99,7 @@ class SelectionSpec(StrictModel):
         return v
 
 
-class TargetRef(StrictModel):
+class TargetRef(BundleModel):
     """The target the draft was made for. It is referenced, not shipped (unless `included`)."""
 
     name: str
@@ -107,7 +114,7 @@ class TargetRef(StrictModel):
     included: bool = False
 
 
-class DraftInfo(StrictModel):
+class DraftInfo(BundleModel):
     name: str
     source: str
     path: str = DRAFT_DIR
@@ -125,7 +132,7 @@ class DraftInfo(StrictModel):
     tokenizer: Literal["same", "same-padded", "different"] = "same"
 
 
-class DecodingPolicy(StrictModel):
+class DecodingPolicy(BundleModel):
     """How dspark drafts (`draft_length`, a `dspark.decode.parse_draft_length` form) and the fixed K
     that engines without adaptive drafting (vLLM, SGLang) get."""
 
@@ -136,19 +143,19 @@ class DecodingPolicy(StrictModel):
     num_speculative_tokens_source: Literal["measured", "static policy", "default"]
 
 
-class SelectionRef(StrictModel):
+class SelectionRef(BundleModel):
     file: str
     sha256: str
     candidate: str | None = None
     warnings: list[str] = Field(default_factory=list)
 
 
-class FileEntry(StrictModel):
+class FileEntry(BundleModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
 
-class BundleManifest(StrictModel):
+class BundleManifest(BundleModel):
     schema_version: int
     name: str
     created_at: str

@@ -97,10 +97,9 @@ def check_files(bundle: str | os.PathLike, manifest: BundleManifest) -> int:
     return len(manifest.files)
 
 
-def check_draft_weights(bundle: Path, manifest: BundleManifest) -> str:
+def check_draft_weights(bundle: Path, manifest: BundleManifest) -> None:
     """The draft's weight files and their fingerprint (`dspark.distill.collect.safetensors_hash`)
-    are the ones the manifest records (`draft.weight_files`, `draft.weight_sha256`). Returns the
-    fingerprint."""
+    are the ones the manifest records (`draft.weight_files`, `draft.weight_sha256`)."""
     from dspark.distill.collect import safetensors_hash
 
     folder = bundle / DRAFT_DIR
@@ -112,8 +111,7 @@ def check_draft_weights(bundle: Path, manifest: BundleManifest) -> str:
     if found != manifest.draft.weight_sha256:
         raise DsparkError(f"the draft's weights in {str(folder)!r} are not the ones the manifest records "
                           f"(safetensors sha256 {found[:12]}... != draft.weight_sha256 "
-                          f"{clip(manifest.draft.weight_sha256, 12)}): the bundle was changed after export")
-    return found
+                          f"{manifest.draft.weight_sha256[:12]}...): the bundle was changed after export")
 
 
 def target_source(bundle: Path, manifest: BundleManifest) -> str:
@@ -145,14 +143,14 @@ def check_target_identity(bundle: Path, manifest: BundleManifest, full_hash: boo
     if t.revision is not None:
         found = folder.name if folder.parent.name == "snapshots" else None
         if found != t.revision:
-            raise DsparkError(f"target {t.name!r} here is at revision {found or 'unknown (not a hub snapshot)'}, "
-                              f"the bundle was made with revision {t.revision}: download that revision "
+            raise DsparkError(f"target {clip(t.name)!r} here is at revision {found or 'unknown (not a hub snapshot)'}, "
+                              f"the bundle was made with revision {clip(t.revision)}: download that revision "
                               "or re-export the bundle")
         out["revision"] = found
     if t.weight_sha256 is not None and (full_hash or t.included):
         found = safetensors_hash(folder)
         if found != t.weight_sha256:
-            raise DsparkError(f"target {t.name!r} at {folder} has different weights than the bundle was made "
+            raise DsparkError(f"target {clip(t.name)!r} at {folder} has different weights than the bundle was made "
                               f"with (safetensors sha256 {found[:12]}... != {t.weight_sha256[:12]}...)")
         out["weight_sha256"] = found
     return out

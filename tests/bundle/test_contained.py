@@ -175,6 +175,14 @@ def test_long_bad_value_is_clipped_in_the_error(bundle_copy):
     with pytest.raises(DsparkError, match=r"unknown key 'policy\.k{190}.*characters\)") as e:
         verify_bundle(bundle_copy)
     assert len(str(e.value)) < 600
+    # valid strings are bounded too: a manifest's names reach later messages
+    raw = yaml.safe_load((bundle_copy / MANIFEST_NAME).read_text())
+    del raw["policy"]["k" * 5000]
+    raw["target"]["name"] = "t" * 5000
+    (bundle_copy / MANIFEST_NAME).write_text(yaml.safe_dump(raw))
+    with pytest.raises(DsparkError, match=r"bad value for 'target\.name': 't{199}\.\.\. \(5002 characters\) "
+                                          r"\(String should have at most 4096 characters\)"):
+        verify_bundle(bundle_copy)
 
 
 def test_read_yaml_bounds(tmp_path):
