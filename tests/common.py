@@ -4,8 +4,12 @@ a single torch thread (the suite shares 2 cores; oversubscribed threads slow tin
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CHILD_ENV = "DSPARK_TEST_CHILD"
+CHILD_OUTPUT_SHOWN = 4000
+
+
+def isolated(test):
+    """Run this test in a child pytest process (same node id, same fixtures there): a native crash in
+    a quantization library (bitsandbytes' 4-bit CPU kernel, gptqmodel) then fails this one test with
+    the child's output instead of killing the whole suite. The parent skips the body."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get(CHILD_ENV):
+            return test(*args, **kwargs)
+        # 'path::name[params] (call)'; the path is relative to a rootdir the child may not share
+        name = os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0].split("::", 1)[1]
+        node = f"{test.__code__.co_filename}::{name}"
+        env = {**os.environ, CHILD_ENV: "1", "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        env.pop("PYTEST_CURRENT_TEST", None)
+        proc = subprocess.run([sys.executable, "-m", "pytest", node, "-q", "-o", "addopts=", "-p", "no:cacheprovider"],
+                              env=env, capture_output=True, text=True)
+        out = (proc.stdout + proc.stderr)[-CHILD_OUTPUT_SHOWN:]
+        if proc.returncode < 0:
+            pytest.fail(f"{node} crashed the child process with {signal.Signals(-proc.returncode).name}:\n{out}",
+                        pytrace=False)
+        if proc.returncode != 0 or " passed" not in proc.stdout:  # a skip in the child is no pass either
+            pytest.fail(f"{node} failed in its child process (exit {proc.returncode}):\n{out}", pytrace=False)
+
+    return wrapper

@@ -22,10 +22,9 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from dspark.config.base import StrictModel
+from dspark.config.base import StrictModel, clip, read_yaml
 from dspark.errors import DsparkError
 
 MANIFEST_NAME = "dspark-bundle.yaml"
@@ -37,9 +36,16 @@ SGLANG_FILE = "sglang.sh"
 README_FILE = "README.md"
 
 QUANTIZATIONS = ("none", "int8", "int4", "nf4", "gptq4")
+# The longest string a manifest or selection field may hold (a path is at most 4096 bytes on Linux):
+# names from a manifest reach error messages, so none is unbounded.
+MAX_TEXT = 4096
 
 
-class Metrics(StrictModel):
+class BundleModel(StrictModel):
+    model_config = ConfigDict(str_max_length=MAX_TEXT)
+
+
+class Metrics(BundleModel):
     """Measured numbers for the pair, as `dspark select` reports them (all optional: a bundle exported
     from --target/--draft has none). Definitions follow dspark.decode.types (mean accepted tokens per
     target forward includes the bonus token; acceptance rate = accepted / drafted)."""
@@ -69,7 +75,7 @@ class Metrics(StrictModel):
         return {k: v for k, v in self.model_dump().items() if v is not None and not (k == "projected" and not v)}
 
 
-class SelectionSpec(StrictModel):
+class SelectionSpec(BundleModel):
     """What `dspark export --selection FILE` reads: the winning candidate written by `dspark select`
     (its candidate spec plus the measured numbers). `draft` (and `target`, when it is a path) may be
     relative to the selection file's folder."""
@@ -93,7 +99,7 @@ class SelectionSpec(StrictModel):
         return v
 
 
-class TargetRef(StrictModel):
+class TargetRef(BundleModel):
     """The target the draft was made for. It is referenced, not shipped (unless `included`)."""
 
     name: str
@@ -108,7 +114,7 @@ class TargetRef(StrictModel):
     included: bool = False
 
 
-class DraftInfo(StrictModel):
+class DraftInfo(BundleModel):
     name: str
     source: str
     path: str = DRAFT_DIR
@@ -126,7 +132,7 @@ class DraftInfo(StrictModel):
     tokenizer: Literal["same", "same-padded", "different"] = "same"
 
 
-class DecodingPolicy(StrictModel):
+class DecodingPolicy(BundleModel):
     """How dspark drafts (`draft_length`, a `dspark.decode.parse_draft_length` form) and the fixed K
     that engines without adaptive drafting (vLLM, SGLang) get."""
 
@@ -137,19 +143,19 @@ class DecodingPolicy(StrictModel):
     num_speculative_tokens_source: Literal["measured", "static policy", "default"]
 
 
-class SelectionRef(StrictModel):
+class SelectionRef(BundleModel):
     file: str
     sha256: str
     candidate: str | None = None
     warnings: list[str] = Field(default_factory=list)
 
 
-class FileEntry(StrictModel):
+class FileEntry(BundleModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
 
-class BundleManifest(StrictModel):
+class BundleManifest(BundleModel):
     schema_version: int
     name: str
     created_at: str
@@ -180,23 +186,21 @@ def check_relative_path(rel: str) -> str:
     """A manifest path must stay inside the bundle: relative, POSIX, no '..', not the manifest."""
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or rel == MANIFEST_NAME:
-        raise ValueError(f"file path {rel!r} must be a relative path inside the bundle")
+        raise ValueError(f"file path {clip(repr(rel))} must be a relative path inside the bundle")
     return rel
 
 
 def read_manifest(bundle: str | os.PathLike) -> BundleManifest:
-    """Load and validate BUNDLE/dspark-bundle.yaml; DsparkError naming the file on any problem."""
+    """Load and validate BUNDLE/dspark-bundle.yaml; DsparkError naming the file on any problem (a
+    file over 4 MiB, or one whose YAML aliases expand it past 100k nodes, is refused unread:
+    `dspark.config.base.read_yaml`)."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise DsparkError(f"bundle {str(bundle)!r} is not a folder (make one with `dspark export`)")
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise DsparkError(f"bundle {str(bundle)!r} has no {MANIFEST_NAME}: not a dspark bundle, or incomplete")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DsparkError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return BundleManifest.parse(data, where=str(path))
+    return BundleManifest.parse(read_yaml(path), where=str(path))
 
 
 def load_selection(path: str | os.PathLike) -> SelectionSpec:

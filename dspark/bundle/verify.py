@@ -1,25 +1,36 @@
 """`dspark verify-bundle`: is this bundle complete, untouched, loadable, and lossless?
 
 Checks, in order (the first failure raises DsparkError naming the file, key or token):
-1. schema: dspark-bundle.yaml parses against the strict manifest schema;
-2. files: every listed file exists with its size and sha256, and no file is unlisted;
-3. weight names: the draft's (and a local target's) safetensors hold exactly the tensors of the model
-   built from its config.json (dspark.bundle.weights);
+1. schema: dspark-bundle.yaml parses against the strict manifest schema (size and YAML alias
+   expansion bounded);
+2. files: every listed file exists with its size and sha256, no file is unlisted, and nothing in
+   the bundle is a symlink (file or folder) or a special file: every file a load reads is inside
+   the bundle and hashed;
+3. weight names: the draft's (and the target's) safetensors hold exactly the tensors of the model
+   built from its config.json, and the weight files an index or config names are inside the model
+   folder (dspark.bundle.weights); the draft's weights match the manifest's `draft.weight_sha256`
+   and `draft.weight_files`;
 4. target identity: the target found here has the recorded revision / weight hash, and both
    tokenizers have the recorded fingerprints;
 5. decode: one prompt decoded greedily by the pair (dspark's speculative decoder, the bundle's
    policy; cross-tokenizer when the draft has its own tokenizer) equals a plain greedy loop over the
    target alone, token for token.
+
+`open_bundle` (checks 1-4, then the load) is the one way dspark loads a bundle: `verify-bundle` adds
+check 5, `serve-bundle` serves what it returns.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dspark.bundle.manifest import DRAFT_DIR, MANIFEST_NAME, TARGET_DIR, BundleManifest, read_manifest
-from dspark.bundle.weights import check_weight_keys
+from dspark.bundle.weights import check_weight_keys, model_weight_files
+from dspark.config.base import clip
 from dspark.errors import DsparkError
 from dspark.io import sha256_file
 
@@ -31,20 +42,40 @@ Log = Callable[[str], None]
 
 
 def _names(items: list[str]) -> str:
-    head = ", ".join(items[:SHOWN])
+    head = ", ".join(clip(i) for i in items[:SHOWN])
     return head + (f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else "")
 
 
+def _uncontained(bundle: Path) -> tuple[list[str], list[str]]:
+    """(symlinks, special files) anywhere under `bundle`, as 'rel -> target' / 'rel'. A symlinked
+    folder is listed, not followed: what it holds is outside the bundle, whatever its hashes say."""
+    links, special = [], []
+    for dirpath, dirnames, filenames in os.walk(bundle):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(bundle).as_posix()
+            if p.is_symlink():
+                links.append(f"{rel}{'/' if name in dirnames else ''} -> {os.readlink(p)}")
+            elif name in filenames and not stat.S_ISREG(p.lstat().st_mode):
+                special.append(rel)
+    return sorted(links), sorted(special)
+
+
 def check_files(bundle: str | os.PathLike, manifest: BundleManifest) -> int:
-    """Compare the bundle's files with the manifest; DsparkError naming every missing, modified and
+    """Compare the bundle's files with the manifest; DsparkError naming every symlink and special
+    file (refused before anything is hashed through them), then every missing, modified and
     unlisted file. Returns the number of files checked."""
     bundle = Path(bundle)
-    missing, modified, links = [], [], []
+    links, special = _uncontained(bundle)
+    if links or special:
+        what = ([f"symlink(s) {_names(links)}"] if links else []) + \
+               ([f"special file(s) {_names(special)}"] if special else [])
+        raise DsparkError(f"bundle {str(bundle)!r} failed its integrity check: {'; '.join(what)} (a bundle "
+                          "holds only regular files: what a link points to is not covered by its hashes)")
+    missing, modified = [], []
     for rel, entry in manifest.files.items():
         p = bundle / rel
-        if p.is_symlink():
-            links.append(rel)
-        elif not p.is_file():
+        if not p.is_file():
             missing.append(rel)
         elif p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
             modified.append(rel)
@@ -59,13 +90,28 @@ def check_files(bundle: str | os.PathLike, manifest: BundleManifest) -> int:
         problems.append(f"missing file(s) {_names(sorted(missing))}")
     if modified:
         problems.append(f"modified file(s) {_names(sorted(modified))} (sha256 differs from the manifest)")
-    if links:
-        problems.append(f"file(s) replaced by symlinks {_names(sorted(links))}")
     if extra:
         problems.append(f"file(s) not in the manifest {_names(sorted(extra))}")
     if problems:
         raise DsparkError(f"bundle {str(bundle)!r} failed its integrity check: {'; '.join(problems)}")
     return len(manifest.files)
+
+
+def check_draft_weights(bundle: Path, manifest: BundleManifest) -> None:
+    """The draft's weight files and their fingerprint (`dspark.distill.collect.safetensors_hash`)
+    are the ones the manifest records (`draft.weight_files`, `draft.weight_sha256`)."""
+    from dspark.distill.collect import safetensors_hash
+
+    folder = bundle / DRAFT_DIR
+    files = [f.name for f in model_weight_files(folder)]
+    if files != manifest.draft.weight_files:
+        raise DsparkError(f"the draft loads from {_names(files)}, the manifest records "
+                          f"{_names(manifest.draft.weight_files)}: the bundle was changed after export")
+    found = safetensors_hash(folder)
+    if found != manifest.draft.weight_sha256:
+        raise DsparkError(f"the draft's weights in {str(folder)!r} are not the ones the manifest records "
+                          f"(safetensors sha256 {found[:12]}... != draft.weight_sha256 "
+                          f"{manifest.draft.weight_sha256[:12]}...): the bundle was changed after export")
 
 
 def target_source(bundle: Path, manifest: BundleManifest) -> str:
@@ -97,14 +143,14 @@ def check_target_identity(bundle: Path, manifest: BundleManifest, full_hash: boo
     if t.revision is not None:
         found = folder.name if folder.parent.name == "snapshots" else None
         if found != t.revision:
-            raise DsparkError(f"target {t.name!r} here is at revision {found or 'unknown (not a hub snapshot)'}, "
-                              f"the bundle was made with revision {t.revision}: download that revision "
+            raise DsparkError(f"target {clip(t.name)!r} here is at revision {found or 'unknown (not a hub snapshot)'}, "
+                              f"the bundle was made with revision {clip(t.revision)}: download that revision "
                               "or re-export the bundle")
         out["revision"] = found
     if t.weight_sha256 is not None and (full_hash or t.included):
         found = safetensors_hash(folder)
         if found != t.weight_sha256:
-            raise DsparkError(f"target {t.name!r} at {folder} has different weights than the bundle was made "
+            raise DsparkError(f"target {clip(t.name)!r} at {folder} has different weights than the bundle was made "
                               f"with (safetensors sha256 {found[:12]}... != {t.weight_sha256[:12]}...)")
         out["weight_sha256"] = found
     return out
@@ -131,13 +177,58 @@ def greedy_reference(model, prompt_ids: Sequence[int], max_new_tokens: int, voca
     return out
 
 
-def load_pair(bundle: Path, manifest: BundleManifest, device: str = "cpu", dtype: str = "float32"):
+def check_bundle(bundle: Path, manifest: BundleManifest, *, full_hash: bool = True, log: Log | None = None) -> dict:
+    """Checks 2-4 of the module docstring except the tokenizers (they need the loaded models):
+    files, weight names and files, the draft's fingerprint, the target's identity. Returns
+    {"files_checked", "identity" (check_target_identity), "weight_keys" {"draft", "target"}}."""
+    log = log or (lambda _msg: None)
+    log(f"hashing {len(manifest.files)} files")
+    n_files = check_files(bundle, manifest)
+    log("checking weight names")
+    keys = {"draft": check_weight_keys(bundle / DRAFT_DIR, "draft").to_dict()}
+    check_draft_weights(bundle, manifest)
+    identity = check_target_identity(bundle, manifest, full_hash)
+    keys["target"] = check_weight_keys(Path(identity["folder"]), "target").to_dict()
+    return {"files_checked": n_files, "identity": identity, "weight_keys": keys}
+
+
+@dataclass
+class OpenBundle:
+    """A bundle that passed `check_bundle` and its tokenizer checks; target and draft are
+    dspark.models.LoadedModel."""
+
+    path: Path
+    manifest: BundleManifest
+    target: Any
+    draft: Any
+    checks: dict
+
+
+def open_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", full_hash: bool = True,
+                log: Log | None = None) -> OpenBundle:
+    """Read the manifest, run every check but the decode (`check_bundle`), and load the pair. The
+    one way dspark loads a bundle: what verify-bundle verified is what serve-bundle serves.
+    `full_hash=False` skips hashing a referenced (not bundled) target's weights, a server start on
+    a 70B target; its revision is still compared."""
+    log = log or (lambda _msg: None)
+    bundle = Path(bundle).expanduser()
+    log("reading the manifest")
+    manifest = read_manifest(bundle)
+    checks = check_bundle(bundle, manifest, full_hash=full_hash, log=log)
+    log(f"loading the target ({checks['identity']['source']}) and the draft")
+    target, draft = _load_pair(bundle, manifest, device, dtype)
+    return OpenBundle(bundle, manifest, target, draft, checks)
+
+
+def _load_pair(bundle: Path, manifest: BundleManifest, device: str, dtype: str):
     """(target LoadedModel, draft LoadedModel), checked: the recorded tokenizers, and the tokenizer
-    relation the manifest records (a draft with its own tokenizer is decoded cross-tokenizer)."""
+    relation the manifest records (a draft with its own tokenizer is decoded cross-tokenizer).
+    Only after `check_bundle`: `open_bundle`."""
     from dspark.models import check_pair, load_model, tokenizer_hash
+    from dspark.quantize.loading import load_draft
 
     target = load_model(target_source(bundle, manifest), device=device, dtype=dtype)
-    draft = load_model(str(bundle / DRAFT_DIR), device=device, dtype=dtype)
+    draft = load_draft(str(bundle / DRAFT_DIR), device=device, dtype=dtype)
     compat = check_pair(target, draft)
     recorded = manifest.draft.tokenizer
     if (compat.mode.value == "different") != (recorded == "different"):
@@ -159,18 +250,9 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
     log = log or (lambda _msg: None)
     if max_new_tokens < 1:
         raise DsparkError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    bundle = Path(bundle).expanduser()
-    log("reading the manifest")
-    manifest = read_manifest(bundle)
-    log(f"hashing {len(manifest.files)} files")
-    n_files = check_files(bundle, manifest)
-    log("checking weight names")
-    keys = {"draft": check_weight_keys(bundle / DRAFT_DIR, "draft").to_dict()}
-    identity = check_target_identity(bundle, manifest)
-    keys["target"] = check_weight_keys(Path(identity["folder"]), "target").to_dict()
-
-    log(f"loading the target ({identity['source']}) and the draft")
-    target, draft = load_pair(bundle, manifest, device, dtype)
+    opened = open_bundle(bundle, device=device, dtype=dtype, log=log)
+    bundle, manifest, target, draft = opened.path, opened.manifest, opened.target, opened.draft
+    identity, keys = opened.checks["identity"], opened.checks["weight_keys"]
     from dspark.decode import GenerationConfig, make_decoder
 
     decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
@@ -189,7 +271,7 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
                           "or the bundle's models are broken)")
     st = result.stats
     return {
-        "bundle": str(bundle), "name": manifest.name, "ok": True, "files_checked": n_files,
+        "bundle": str(bundle), "name": manifest.name, "ok": True, "files_checked": opened.checks["files_checked"],
         "target": {"name": manifest.target.name, **identity, "weight_keys": keys["target"]},
         "draft": {"name": manifest.draft.name, "weight_keys": keys["draft"],
                   "acceptance_head": manifest.draft.acceptance_head},

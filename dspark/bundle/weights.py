@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
+from dspark.config.base import clip
 from dspark.errors import DsparkError
 
 # The acceptance head lives next to the weights but is not part of the model.
@@ -38,18 +39,45 @@ class KeyCheck:
                 "reason": self.reason}
 
 
+def inside(folder: Path, rel: object, what: str) -> Path:
+    """folder / rel, for a file name a model folder's own metadata gives (an index's shard, the
+    config's `transformers_weights`): a relative path that stays inside the folder, else DsparkError.
+    transformers joins such names to the folder as they are, so '/x' or '../x' would load a file
+    from anywhere."""
+    if not isinstance(rel, str) or not rel:
+        raise DsparkError(f"{what}: expected a file name, got {clip(repr(rel))}")
+    # lexical: a hub snapshot's files are symlinks into its blob store (a bundle allows none: check_files)
+    if PurePath(rel).is_absolute() or ".." in PurePath(rel).parts or "\\" in rel:
+        raise DsparkError(f"{what}: {clip(repr(rel))} is not a file inside {str(folder)!r} (weights must sit "
+                          "in the model folder)")
+    return folder / rel
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DsparkError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+    return [inside(index.parent, s, f"{index} shard") for s in sorted(shards, key=str)]
+
+
 def model_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files that hold the model: the shards named by the index, model.safetensors,
-    or else every *.safetensors except the acceptance head."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise DsparkError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        return [folder / s for s in shards]
+    """The safetensors files transformers loads the model from, in its order of preference: the file
+    config.json names in `transformers_weights`, model.safetensors, the shards of
+    model.safetensors.index.json; else (quantizers' own formats) every *.safetensors except the
+    acceptance head. Every name must stay inside the folder (`inside`)."""
+    try:
+        explicit = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None
+    if explicit is not None:
+        path = inside(folder, explicit, f"{folder / 'config.json'} transformers_weights")
+        return _index_shards(path) if path.name.endswith(".index.json") else [path]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return _index_shards(index)
     return sorted(p for p in folder.glob("*.safetensors") if p.name not in NON_MODEL_SAFETENSORS)
 
 

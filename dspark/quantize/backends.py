@@ -14,7 +14,9 @@ loads such a folder back (`load`). Which checkpoint format each one writes, and 
   load would silently initialise every quantized layer at random.
 - `bitsandbytes` (int8 = LLM.int8, nf4): transformers' integration (`BitsAndBytesConfig`);
   `model.safetensors` + `quantization_config`, loads with plain transformers. Runs on CPU with
-  bitsandbytes 0.50 (slowly: its CPU int8 matmul casts to float16).
+  bitsandbytes 0.50 (slowly: its CPU int8 matmul casts to float16). nf4 keeps unquantized every
+  linear layer whose shape bitsandbytes' AVX512-BF16 CPU kernel cannot take (`bnb_cpu_4bit_fits`;
+  listed in the checkpoint's `llm_int8_skip_modules`), so the checkpoint runs on every CPU.
 - `gptqmodel` (gptq4: GPTQ 4-bit with calibration text; runs on CPU with gptqmodel 7.6.0):
   GPTQModel's own save format (`quantization_config.quant_method == "gptq"`), loaded through
   `GPTQModel.load`; its layers are packed `qweight` modules, not nn.Linear. gptqmodel prints its
@@ -60,6 +62,10 @@ class QuantRequest:
     calibration: list[str] | None = None
     tokenizer: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    # filled by the backend: what the user should know (shown as notes) and the linear layers it left
+    # unquantized beyond the tied output head (recorded in the candidate's provenance)
+    notes: list[str] = field(default_factory=list)
+    unquantized: list[str] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -143,12 +149,91 @@ class BitsAndBytesBackend(_TransformersConfigBackend):
     requirement = "bitsandbytes==0.50.2"
 
     def config(self, request: QuantRequest):
-        import bitsandbytes  # noqa: F401  (a missing library fails here, with the install hint)
         from transformers import BitsAndBytesConfig
+
+        # a shape the CPU kernel cannot take is refused before the import: it needs no library to say so
+        skip = self.nf4_skip_list(request) if request.method == "nf4" else None
+        import bitsandbytes  # noqa: F401  (a missing library fails here, with the install hint)
 
         if request.method == "int8":
             return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=request.dtype)
+        # the skip list replaces transformers' default one (tied / output head): `skip` includes it
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=request.dtype,
+                                  llm_int8_skip_modules=skip)
+
+    @staticmethod
+    def nf4_skip_list(request: QuantRequest) -> list[str]:
+        """The modules nf4 leaves unquantized (see `bnb_4bit_plan`), noted on `request`; a one-line
+        DsparkError when no linear layer can be quantized."""
+        skip, misfits, fitting = bnb_4bit_plan(request.source)
+        rule = (f"bitsandbytes' CPU 4-bit kernel (AVX512-BF16) needs out_features % {BNB_CPU_BLOCK_N} == 0 and "
+                f"in_features % {BNB_4BIT_BLOCKSIZE} == 0")
+        if not fitting:
+            raise DsparkError(f"nf4 (bitsandbytes) cannot quantize any linear layer of {str(request.source)!r}: {rule} "
+                              f"(shapes here: {_shapes(misfits)}); use --method int4 (quanto) or gptq4")
+        if misfits:
+            request.unquantized.extend(misfits)
+            request.notes.append(f"nf4 kept {len(misfits)} of {len(misfits) + len(fitting)} linear layers unquantized: "
+                                 f"{rule} ({_shapes(misfits)})")
+        return skip
+
+
+# bitsandbytes 0.50's 4-bit CPU kernel (used on CPUs with AVX512-BF16, `functional.has_avx512bf16`)
+# repacks each layer's weight at its first inference forward (`nn.Linear4bit.forward` ->
+# `functional._convert_weight_packed_for_cpu`): output rows in tiles of 32 (`block_n`), absmax reshaped
+# to [out, in / blocksize]; its C++ kernel walks the input in whole quantization blocks. Other shapes
+# fail there (RuntimeError), or crash natively. transformers quantizes 4-bit with bitsandbytes'
+# default blocksize.
+BNB_CPU_BLOCK_N = 32
+BNB_4BIT_BLOCKSIZE = 64
+
+
+def bnb_cpu_4bit_fits(out_features: int, in_features: int, blocksize: int = BNB_4BIT_BLOCKSIZE) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 CPU kernel can run a 4-bit linear layer of this shape."""
+    return out_features % BNB_CPU_BLOCK_N == 0 and in_features % blocksize == 0
+
+
+def _shapes(names: dict[str, tuple[int, int]], shown: int = 3) -> str:
+    """'q_proj [96 x 96], ...' for the first few layers (out x in)."""
+    items = [f"{n.rsplit('.', 1)[-1]} [{o} x {i}]" for n, (o, i) in names.items()]
+    unique = list(dict.fromkeys(items))
+    return ", ".join(unique[:shown]) + (f", ... ({len(names)} layers)" if len(unique) > shown else "")
+
+
+def bnb_4bit_plan(source: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(skip list for BitsAndBytesConfig, layers kept unquantized because the CPU kernel cannot take
+    them, layers that will be quantized), each layer as name -> (out_features, in_features), from the
+    model that source/config.json describes (built on the meta device: no weights read). The skip
+    list also holds transformers' default exclusions (tied embeddings, the output head), which a
+    user skip list would otherwise replace."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    default_skip = set(get_keys_to_not_convert(model))
+    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n not in default_skip}
+    misfits = {n: s for n, s in linears.items() if not bnb_cpu_4bit_fits(*s)}
+    fitting = {n: s for n, s in linears.items() if n not in misfits}
+    return sorted(default_skip) + list(misfits), misfits, fitting
+
+
+def avoid_bnb_cpu_repack(model) -> list[str]:
+    """Route 4-bit layers the AVX512-BF16 CPU kernel cannot take (`bnb_cpu_4bit_fits`) through
+    bitsandbytes' generic dequantize-and-matmul path, by clearing the per-layer flag that triggers
+    the repack. Only checkpoints quantized without dspark's skip list have such layers. Returns their
+    names."""
+    names = []
+    for name, m in model.named_modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if getattr(m, "support_avx512bf16_for_cpu", False) and state is not None \
+                and not bnb_cpu_4bit_fits(m.out_features, m.in_features, int(state.blocksize)):
+            m.support_avx512bf16_for_cpu = False
+            names.append(name)
+    return names
 
 
 class QuantoBackend:
@@ -206,7 +291,10 @@ class QuantoBackend:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
-        state = load_file(str(weights))
+        # safetensors hands out tensors at their offsets in the file (8-byte aligned) and requantize
+        # keeps them: torch's int8 weight-pack matmul (quanto's bf16 CPU path) segfaults on such a
+        # weight on AVX512 CPUs. A copy lives in torch's own (64-byte aligned) memory.
+        state = {k: v.clone() for k, v in load_file(str(weights)).items()}
         requantize(model, state_dict=state, quantization_map=qmap, device=device)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if tied:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark.errors import DsparkError
-from dspark.quantize.backends import BACKENDS, QUANT_EXTRA, checkpoint_backend, is_available
+from dspark.quantize.backends import BACKENDS, QUANT_EXTRA, avoid_bnb_cpu_repack, checkpoint_backend, is_available
 
 MB = 1024 * 1024
 
@@ -28,7 +28,9 @@ def load_draft(name_or_path: str, device: str = "cpu", dtype: str = "float32", o
     kind = checkpoint_backend(r.local_path) if r.local_path is not None else None
     if kind is None:
         with quiet_transformers():
-            return load_model(name_or_path, device=device, dtype=dtype, offline=offline)
+            loaded = load_model(name_or_path, device=device, dtype=dtype, offline=offline)
+        avoid_bnb_cpu_repack(loaded.model)
+        return loaded
     backend = BACKENDS[kind]
     if not is_available(backend):
         raise DsparkError(f"draft {name_or_path!r} is a {kind} checkpoint: loading it needs {backend.requirement} "

@@ -241,9 +241,11 @@ def quantize_draft(out: str | os.PathLike, opts: QuantizeOptions, draft: str | N
         log(f"quantizing {source} to {opts.method} with {backend.name} ({reason}) on {device}")
         with quiet_transformers():
             src = load_model(str(folder), device=device, dtype=dtype_name)
+        request = QuantRequest(source=Path(folder), out=tmp, method=opts.method, device=device, dtype=save_dtype,
+                               calibration=calibration_texts, tokenizer=src.tokenizer)
         with quiet_transformers(), quiet_quant_libraries():
-            backend.quantize(QuantRequest(source=Path(folder), out=tmp, method=opts.method, device=device,
-                                          dtype=save_dtype, calibration=calibration_texts, tokenizer=src.tokenizer))
+            backend.quantize(request)
+        notes += request.notes
         src.tokenizer.save_pretrained(str(tmp))
         for f in HEAD_FILES:
             if (Path(folder) / f).is_file():
@@ -295,7 +297,8 @@ def quantize_draft(out: str | os.PathLike, opts: QuantizeOptions, draft: str | N
                 calibration=(opts.calibration or DEFAULT_GUARD_TASK) if backend.needs_calibration else None,
                 calibration_samples=len(calibration_texts) if calibration_texts else None,
                 dspark_version=__version__,
-                extra={"guard_prompts": guard_src} if guard_src else {}))
+                extra={**({"guard_prompts": guard_src} if guard_src else {}),
+                       **({"unquantized_layers": ", ".join(request.unquantized)} if request.unquantized else {})}))
         write_candidate(tmp / CANDIDATE_FILE, cand,
                         header=f"dspark candidate {name}: {opts.method} ({backend.name}) of {_label(source)}\n"
                                f"score it with: dspark select --candidates {out_path / CANDIDATE_FILE} --target "

@@ -1,7 +1,8 @@
 """What the server serves: a decoder, its tokenizer, the model id clients name, and limits.
 
-`runtime_from_bundle` checks the bundle before loading it (schema, file hashes, the target's
-revision, tokenizer fingerprints; the full decode check is `dspark verify-bundle`'s job).
+`runtime_from_bundle` loads the bundle through `dspark.bundle.verify.open_bundle`, which runs every
+check `dspark verify-bundle` makes except its test decode (and, for a referenced target, the hash
+of its weights: its revision is still compared).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from dspark.errors import DsparkError
@@ -43,18 +43,11 @@ class ServeRuntime:
 
 def runtime_from_bundle(bundle: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                         log: Callable[[str], None] | None = None) -> ServeRuntime:
-    from dspark.bundle.manifest import read_manifest
-    from dspark.bundle.verify import check_files, check_target_identity, load_pair
+    from dspark.bundle.verify import open_bundle
     from dspark.decode import make_decoder
 
-    log = log or (lambda _m: None)
-    bundle = Path(bundle).expanduser()
-    manifest = read_manifest(bundle)
-    log(f"checking {len(manifest.files)} files of {bundle}")
-    check_files(bundle, manifest)
-    identity = check_target_identity(bundle, manifest, full_hash=False)
-    log(f"loading target {identity['source']} and draft {manifest.draft.name}")
-    target, draft = load_pair(bundle, manifest, device, dtype)
+    opened = open_bundle(bundle, device=device, dtype=dtype, full_hash=False, log=log)
+    manifest, target, draft = opened.manifest, opened.target, opened.draft
     decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
                            draft_tokenizer=draft.tokenizer)
     ctx = int(decoder.target.max_positions)

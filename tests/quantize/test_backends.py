@@ -11,6 +11,8 @@ from dspark.errors import DsparkError
 from dspark.quantize import backends as B
 from dspark.quantize.guard import fit_prompts, guard_verdict, position_acceptance
 
+from tests.quantize.conftest import BUILTIN, DRAFT, need_builtins
+
 
 class _Missing:
     """A backend whose library is not installed."""
@@ -152,3 +154,73 @@ def test_fit_prompts_keeps_the_first_token():
     assert out == [[1, 4, 5, 6], [7, 8]]
     with pytest.raises(DsparkError, match="do not fit"):
         fit_prompts([[1]], context=4, new_tokens=3)
+
+
+# -- bitsandbytes' AVX512-BF16 CPU kernel and the tiny drafts' shapes (no bitsandbytes needed) ------------
+
+def test_bnb_cpu_kernel_shape_rule():
+    # out_features in tiles of 32 rows, in_features in whole quantization blocks (64 by default)
+    assert B.bnb_cpu_4bit_fits(96, 256) and B.bnb_cpu_4bit_fits(4096, 4096)
+    assert not B.bnb_cpu_4bit_fits(96, 96)  # absmax [96 * 96 / 64] cannot be [96, 1]: the failure seen
+    assert not B.bnb_cpu_4bit_fits(48, 128)
+    assert B.bnb_cpu_4bit_fits(96, 96, blocksize=32)
+
+
+def test_bnb_4bit_plan_keeps_misfits_and_the_default_skips():
+    need_builtins(DRAFT)
+    skip, misfits, fitting = B.bnb_4bit_plan(BUILTIN / DRAFT)
+    assert sorted(fitting) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert fitting["model.layers.0.mlp.down_proj"] == (96, 256)
+    assert len(misfits) == 12 and misfits["model.layers.1.self_attn.k_proj"] == (48, 96)
+    # the tied output head stays unquantized: a user skip list replaces transformers' default one
+    assert {"lm_head", "model.embed_tokens"} <= set(skip) and set(misfits) <= set(skip)
+    assert not set(fitting) & set(skip)
+
+
+def test_nf4_refuses_in_one_line_when_no_layer_fits(tmp_path):
+    import json
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 40, "intermediate_size": 72,
+           "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 128,
+           "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    req = B.QuantRequest(source=tmp_path, out=tmp_path / "out", method="nf4", device="cpu", dtype=torch.float32)
+    with pytest.raises(DsparkError) as e:
+        B.BACKENDS["bitsandbytes"].config(req)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot quantize any linear layer" in msg and "out_features % 32 == 0" in msg
+    assert "q_proj [40 x 40]" in msg and "--method int4" in msg
+
+
+_CRASHING_TESTS = """
+import os
+import signal
+
+from tests.common import isolated
+
+
+@isolated
+def test_native_crash():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_after_it():
+    pass
+"""
+
+
+def test_a_native_crash_fails_one_isolated_test_not_the_suite(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.common import CHILD_ENV, REPO
+
+    (tmp_path / "test_crash.py").write_text(_CRASHING_TESTS)
+    env = {k: v for k, v in os.environ.items() if k not in (CHILD_ENV, "PYTEST_CURRENT_TEST")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "test_crash.py", "-q", "-o", "addopts=", "-p",
+                           "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # failures reported, the runner itself alive
+    assert "1 failed, 1 passed" in proc.stdout
+    assert "crashed the child process with SIGSEGV" in proc.stdout

@@ -14,9 +14,11 @@ from dspark.cli import app
 from dspark.config.candidate import load_candidate, resolve_relative
 from dspark.errors import DsparkError
 from dspark.quantize import backends as B
+from dspark.quantize.loading import is_quantized_linear
 from dspark.quantize.run import CANDIDATE_FILE, QuantizeOptions, quantize_draft
 
-from tests.quantize.conftest import DRAFT, TARGET, have, need_builtins
+from tests.common import isolated
+from tests.quantize.conftest import BUILTIN, DRAFT, TARGET, have, need_builtins
 
 runner = CliRunner()
 GUARD = {"guard_prompts": 2, "guard_tokens": 8}
@@ -55,6 +57,7 @@ def source():
 
 
 @pytest.mark.skipif(not have("optimum.quanto"), reason="optimum-quanto is not installed")
+@isolated
 def test_quanto_int8_with_guard(tmp_path, source):
     from dspark.models import load_model
     from dspark.quantize.loading import has_quantized_linears, load_draft
@@ -118,6 +121,7 @@ def test_torchao_int8_loads_with_plain_transformers(tmp_path, source):
 
 @pytest.mark.skipif(not have("bitsandbytes"), reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("method", ["nf4", "int8"])
+@isolated
 def test_bitsandbytes(tmp_path, source, method):
     from dspark.quantize.loading import has_quantized_linears, load_draft
 
@@ -128,12 +132,44 @@ def test_bitsandbytes(tmp_path, source, method):
     q = load_draft(str(out))
     assert r.memory_bytes < r.memory_bytes_before and r.disk_bytes < r.disk_bytes_before
     assert has_quantized_linears(q.model)
+    if method == "nf4":
+        # the tiny draft's widths (96, 48) do not fit bitsandbytes' AVX512-BF16 CPU kernel: only the
+        # down projections (256 -> 96) are 4-bit, the rest is kept and reported
+        kept = r.candidate.provenance.extra["unquantized_layers"].split(", ")
+        assert len(kept) == 12 and "model.layers.0.self_attn.q_proj" in kept
+        assert any(n.startswith("nf4 kept 12 of 14 linear layers unquantized") for n in r.notes)
+        assert set(cfg["quantization_config"]["llm_int8_skip_modules"]) == set(kept) | {
+            "lm_head", "model.embed_tokens", "model.norm"}
+        assert sorted(n for n, m in q.model.named_modules() if is_quantized_linear(m)) == [
+            "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     d, ids = source
     assert 0 < (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item() < 1.0
     _lossless(q.model)
 
 
+@pytest.mark.skipif(not have("bitsandbytes"), reason="bitsandbytes is not installed")
+@isolated
+def test_nf4_checkpoint_without_the_skip_list_still_decodes(tmp_path, source):
+    # an nf4 checkpoint quantized before dspark kept misfit layers unquantized (or by another tool):
+    # on an AVX512-BF16 CPU its first forward used to fail in bitsandbytes' weight repack
+    from transformers import BitsAndBytesConfig
+
+    from dspark.quantize.backends import _hf_load_quantized
+    from dspark.quantize.loading import load_draft
+
+    d, ids = source
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    m = _hf_load_quantized(BUILTIN / DRAFT, torch.bfloat16, "cpu", qc)
+    m.save_pretrained(str(tmp_path / "old"), safe_serialization=True)
+    d.tokenizer.save_pretrained(str(tmp_path / "old"))
+    q = load_draft(str(tmp_path / "old"))
+    assert sum(1 for m in q.model.modules() if is_quantized_linear(m)) == 14  # every layer stays 4-bit
+    assert 0 < (_logits(q.model, ids) - _logits(d.model, ids)).abs().max().item() < 3.0  # all 14 in 4 bits
+    _lossless(q.model)
+
+
 @pytest.mark.skipif(not have("gptqmodel"), reason="gptqmodel is not installed")
+@isolated
 def test_gptq4_with_calibration(tmp_path, source, capsys, monkeypatch):
     import os
 
