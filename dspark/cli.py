@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dspark.errors import DsparkError
+from dspark.serve.runner import DEFAULT_MAX_BODY_MB
 
 app = typer.Typer(name="dspark", no_args_is_help=True, add_completion=False,
                   help="Distil, select, quantize and serve draft models for speculative decoding.")
@@ -368,8 +369,13 @@ def serve_bundle_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback unless you mean otherwise)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start-up)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DSPARK_API_KEY",
-                                          help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY)."),
+                                          help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY); "
+                                               "visible ASCII characters only."),
+    allow_no_key: bool = typer.Option(False, "--allow-no-key",
+                                      help="Serve a --host other machines can reach without --api-key."),
     max_batch_size: int = typer.Option(8, help="Most concurrent requests decoded together."),
+    max_body_mb: float = typer.Option(DEFAULT_MAX_BODY_MB, "--max-body-mb",
+                                      help="Largest request body in MiB (a larger one is refused with 413)."),
     batch_window_ms: float = typer.Option(
         0.0, help="How long an idle server waits for companions of a request (late arrivals join the running "
                   "batch at its next step anyway)."),
@@ -380,8 +386,9 @@ def serve_bundle_cmd(
     """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics)."""
     from dspark.serve.runner import serve_bundle
 
-    serve_bundle(bundle, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
-                 batch_window_ms=batch_window_ms, device=device, dtype=dtype, threads=threads,
+    serve_bundle(bundle, host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,
+                 max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, device=device, dtype=dtype,
+                 threads=threads, max_body_mb=max_body_mb,
                  log=lambda m: console.print(m, highlight=False, soft_wrap=True))
 
 

@@ -1,18 +1,30 @@
-"""The OpenAI request bodies the server accepts, and its error body.
+"""The OpenAI request bodies the server accepts, how a body becomes one, and the error body.
 
 Unknown request fields are rejected (OpenAI does the same: "Unrecognized request argument supplied");
 fields OpenAI defines that dspark cannot honour (n > 1, logprobs, penalties, tools, ...) are accepted
 only at their no-op default and otherwise rejected, never silently ignored. Extensions (as in vLLM):
 `top_k`, `ignore_eos`, and `response_format` on /v1/completions too.
+A string with a lone UTF-16 surrogate ("\\ud800": valid JSON, not valid Unicode text) is refused by
+the field that holds it; a JSON schema is capped in nesting depth and size (its compilation time
+grows steeply with both).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dspark.decode.types import SEED_LIMIT
 
 MAX_STOP_STRINGS = 16
+# A 300-deep schema took ~6 s to compile, 64 levels of JSON nesting (~32 nested objects) 0.03 s;
+# 2000 optional properties (57 KB) took 46 s, 400 (11 KB) 0.3 s.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_BYTES = 32 * 1024
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -30,6 +42,82 @@ class ApiError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(dotted path, character) of the first string (or object key) in a parsed JSON value that holds a
+    lone surrogate, else None. Iterative: any depth is safe."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            m = _SURROGATE.search(node)
+            if m:
+                return path or "body", m.group()
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                sub = f"{path}.{k}" if path else str(k)
+                m = _SURROGATE.search(k)
+                if m:
+                    return (f"a key of {path}" if path else "a key of the body"), m.group()
+                stack.append((sub, v))
+        elif isinstance(node, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(node))
+    return None
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, {} or [] is 1). Iterative."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """pydantic's first error as an OpenAI 400 naming the parameter."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, UnsupportedParameter):
+        return ApiError(400, str(cause), param=cause.param, code="unsupported_parameter")
+    if err.get("type") == "missing":
+        return ApiError(400, f"missing required parameter {param!r}", param=param, code="missing_required_parameter")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    shown = f"{param}: " if param else ""
+    value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+    return ApiError(400, f"invalid value for {shown}{msg}{value}", param=param, code="invalid_value")
+
+
+def parse_request(body: bytes, content_type: str | None, model: type[BaseModel]) -> BaseModel:
+    """A request body -> the validated request `model`, or ApiError 400 (CPU work: call it off the
+    event loop)."""
+    if content_type and "json" not in content_type.split(";")[0].lower():
+        raise ApiError(400, "the request body is not JSON (send Content-Type: application/json)", code="invalid_json")
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    bad = lone_surrogate(obj)
+    if bad is not None:
+        where, char = bad
+        raise ApiError(400, f"{where} is not valid Unicode text: it holds a lone surrogate (U+{ord(char):04X}); "
+                            "send characters outside the Basic Multilingual Plane as a surrogate pair",
+                       param=None if where.startswith("a key") else where, code="invalid_value")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
 
 
 class _Strict(BaseModel):
@@ -71,6 +159,17 @@ class JsonSchemaFormat(_Strict):
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     strict: bool | None = None
 
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v):
+        depth = json_depth(v)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are allowed")
+        size = len(json.dumps(v, separators=(",", ":")))
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the schema is {size} bytes of JSON; at most {MAX_SCHEMA_BYTES} are allowed")
+        return v
+
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
@@ -89,7 +188,7 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stop: Union[str, list[str], None] = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
