@@ -3,6 +3,7 @@ prints. User errors (`DsparkError`) become one line on stderr and exit code 2, n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -35,6 +36,18 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(e.exit_code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def resumable(out: Path):
+    """Ctrl-C in a resumable command: one line saying how to resume, exit 130 (the shell's code for
+    SIGINT), instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {out} keeps the work finished so far; run the same command again to resume",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -174,10 +187,11 @@ def collect_cmd(
 
     say = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if as_json else \
         (lambda m: console.print(m, highlight=False, soft_wrap=True))
-    result = run_collect(target, out, task=task, data=data, num_prompts=num_prompts, split=split, k=top_k,
-                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
-                         shard=shard, device=device, dtype=dtype, engine=engine,
-                         console=err_console if as_json else console, log=say)
+    with resumable(out):
+        result = run_collect(target, out, task=task, data=data, num_prompts=num_prompts, split=split, k=top_k,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                             batch_size=batch_size, shard=shard, device=device, dtype=dtype, engine=engine,
+                             console=err_console if as_json else console, log=say)
     summary = result.to_dict()
     if as_json:
         print_json(summary)
@@ -247,6 +261,11 @@ def generate_cmd(
                               json_schema=None if json_schema is None else str(json_schema), regex=regex,
                               grammar=None if grammar is None else str(grammar), device=device, dtype=dtype)
     rows = generate(target, texts, draft=draft, no_draft=no_draft, options=options)
+    for i, row in enumerate(rows):
+        if row["finish_reason"] == "dead_end":
+            err_console.print(f"warning: prompt {i}: the constraint allowed no further token before it was complete, "
+                              "so the output does not match it (finish reason dead_end)", highlight=False,
+                              soft_wrap=True)
     for row in rows:
         if as_json:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -438,12 +457,13 @@ def distill_cmd(
                       heldout_percent=heldout_percent, seed=seed, lora_rank=lora, on_policy=on_policy or 0.0,
                       on_policy_max_new_tokens=max_new_tokens, acceptance_head=acceptance_head)
     say_console = err_console if as_json else console
-    summary = run_distill(
-        target, draft, out, task=task, data=data, cache=cache, train=cfg,
-        collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
-        evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
-        device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
-        log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
+    with resumable(out):
+        summary = run_distill(
+            target, draft, out, task=task, data=data, cache=cache, train=cfg,
+            collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
+            evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
+            device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
+            log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
     if summary is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     if as_json:

@@ -25,6 +25,8 @@ MAX_STOP_STRINGS = 16
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_BYTES = 32 * 1024
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# JSON can carry a surrogate only as an escape (UTF-8 cannot encode one): bodies without one skip the walk
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class ApiError(Exception):
@@ -45,24 +47,31 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def lone_surrogate(obj: Any) -> tuple[str, str] | None:
-    """(dotted path, character) of the first string (or object key) in a parsed JSON value that holds a
-    lone surrogate, else None. Iterative: any depth is safe."""
-    stack: list[tuple[str, Any]] = [("", obj)]
+    """(where, character) of the first string or object key in a parsed JSON value that holds a lone
+    surrogate, else None; `where` is a dotted path ("messages.0.content") or "a key of PATH".
+    Iterative (any depth is safe); paths are spelled out only for the string found."""
+    def spell(chain) -> str:
+        parts = []
+        while chain is not None:
+            chain, key = chain
+            parts.append(str(key))
+        return ".".join(reversed(parts))
+
+    stack: list[tuple[Any, Any]] = [(None, obj)]  # (path chain: (parent chain, key) or None, value)
     while stack:
-        path, node = stack.pop()
+        chain, node = stack.pop()
         if isinstance(node, str):
             m = _SURROGATE.search(node)
             if m:
-                return path or "body", m.group()
+                return spell(chain) or "the body", m.group()
         elif isinstance(node, dict):
             for k, v in node.items():
-                sub = f"{path}.{k}" if path else str(k)
                 m = _SURROGATE.search(k)
                 if m:
-                    return (f"a key of {path}" if path else "a key of the body"), m.group()
-                stack.append((sub, v))
+                    return f"a key of {spell(chain) or 'the body'}", m.group()
+                stack.append(((chain, k), v))
         elif isinstance(node, list):
-            stack.extend((f"{path}.{i}", v) for i, v in enumerate(node))
+            stack.extend(((chain, i), v) for i, v in enumerate(node) if isinstance(v, (str, dict, list)))
     return None
 
 
@@ -108,12 +117,13 @@ def parse_request(body: bytes, content_type: str | None, model: type[BaseModel])
         raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
-    bad = lone_surrogate(obj)
+    maybe = _SURROGATE_ESCAPE.search(body) or json.detect_encoding(body) != "utf-8"  # (UTF-16/32 bodies: walk)
+    bad = lone_surrogate(obj) if maybe else None
     if bad is not None:
         where, char = bad
         raise ApiError(400, f"{where} is not valid Unicode text: it holds a lone surrogate (U+{ord(char):04X}); "
                             "send characters outside the Basic Multilingual Plane as a surrogate pair",
-                       param=None if where.startswith("a key") else where, code="invalid_value")
+                       param=None if where.startswith(("a key", "the body")) else where, code="invalid_value")
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -224,12 +234,22 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="plain")
     @classmethod
-    def _non_empty(cls, v):
-        if isinstance(v, list) and not v:
+    def _prompt_shape(cls, v):
+        # Plain Python, not pydantic's union: a 2M-id list took pydantic ~3 s in one call holding the
+        # GIL (trying every member), which stalls the event loop even from the threadpool.
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError(f"prompt must be a string or a list, got {type(v).__name__}")
+        if not v:
             raise ValueError("prompt must not be an empty list")
-        return v
+        if all(type(x) is int for x in v) or all(type(x) is str for x in v) or \
+                all(type(x) is list and all(type(t) is int for t in x) for x in v):
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                         "token-id lists")
 
 
 class TextPart(_Strict):
