@@ -402,7 +402,12 @@ def serve_bundle_cmd(
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding (default: torch's)."),
 ):
-    """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics)."""
+    """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics).
+
+    Limits: request bodies up to --max-body-mb; response_format JSON schemas up to 64 levels of nesting
+    and 32 KiB; seed in [0, 2**63). SIGTERM or Ctrl-C ends the requests in flight with a 503 (a stream
+    with a final error event).
+    """
     from dspark.serve.runner import serve_bundle
 
     serve_bundle(bundle, host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,

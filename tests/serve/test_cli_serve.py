@@ -128,3 +128,12 @@ def test_serve_bundle_checks_options_before_reading_the_bundle(tmp_path, monkeyp
     res = CliRunner().invoke(app, ["serve-bundle", str(tmp_path / "no-bundle"), "--port", "0", *args])
     assert res.exit_code == 2 and needle in res.output and "not a folder" not in res.output, res.output
     assert "s3cret" not in res.output  # a key is never echoed
+
+
+def test_help_names_the_limits():
+    from dspark.serve.protocol import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
+
+    res = CliRunner().invoke(app, ["serve-bundle", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(res.output.split())
+    assert f"up to {MAX_SCHEMA_DEPTH} levels of nesting and {MAX_SCHEMA_BYTES // 1024} KiB" in text
+    assert "--max-body-mb" in text and "--allow-no-key" in text and "[default: 8.0]" in text
