@@ -222,8 +222,8 @@ class _Handler:
             items = [list(prompt)]
         else:
             items = list(prompt)
-        return [self.encode(encoder.completion, t, "prompt") if isinstance(t, str) else self.check_ids(list(t), "prompt")
-                for t in items]
+        return [self.encode(encoder.completion, t, "prompt") if isinstance(t, str)
+                else self.check_ids(list(t), "prompt") for t in items]
 
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         """A prompt's ids: non-empty, leaving room for one generated token, inside the vocabulary."""

@@ -173,7 +173,7 @@ class ServerMetrics:
     def render(self) -> str:
         parts: list[str] = []
         for inst in (self.http_requests, self.requests, self.aborted, self.prompt_tokens, self.generation_tokens,
-                     self.drafted, self.accepted, self.verify_steps, self.emitted, *self._gauges, self.latency, self.ttft,
-                     self.queue_time, self.batch_size):
+                     self.drafted, self.accepted, self.verify_steps, self.emitted, *self._gauges, self.latency,
+                     self.ttft, self.queue_time, self.batch_size):
             parts.extend(inst.render())
         return "\n".join(parts) + "\n"

@@ -35,7 +35,8 @@ def test_lone_surrogates_are_refused_by_the_field_that_holds_them():
     e = _error('{"model": "m", "prompt": "x\\ud800"}'.encode("utf-16"))  # a UTF-16 body is checked too
     assert e.param == "prompt"
     # a surrogate pair is one character outside the BMP: fine
-    assert parse_request(b'{"model": "m", "prompt": "x\\ud83d\\ude00"}', JSON, CompletionRequest).prompt == "x\U0001F600"
+    pair = parse_request(b'{"model": "m", "prompt": "x\\ud83d\\ude00"}', JSON, CompletionRequest)
+    assert pair.prompt == "x\U0001F600"
     assert lone_surrogate({"a": [1, {"b": ["ok", "no\ud800"]}]}) == ("a.1.b.1", "\ud800")
     assert lone_surrogate({"a": ["fine", 2, {"c": None}]}) is None
 
@@ -81,13 +82,15 @@ def test_json_schemas_are_capped_in_depth_and_size():
     assert e.param == "response_format.json_schema.schema" and f"at most {MAX_SCHEMA_BYTES} are allowed" in e.message
     ok = _nested(MAX_SCHEMA_DEPTH // 2 - 1)
     assert json_depth(ok) <= MAX_SCHEMA_DEPTH
-    assert parse_request(json.dumps(fmt(ok)).encode(), JSON, CompletionRequest).response_format.json_schema.schema_ == ok
+    req = parse_request(json.dumps(fmt(ok)).encode(), JSON, CompletionRequest)
+    assert req.response_format.json_schema.schema_ == ok
     assert json_depth(1) == 0 and json_depth({}) == 1 and json_depth({"a": [1, {"b": []}]}) == 4
 
 
 @pytest.mark.parametrize("prompt", ["x", ["a", "b"], [1, 2], [[1], [2, 3]]])
 def test_prompt_shapes(prompt):
-    assert parse_request(json.dumps({"model": "m", "prompt": prompt}).encode(), JSON, CompletionRequest).prompt == prompt
+    req = parse_request(json.dumps({"model": "m", "prompt": prompt}).encode(), JSON, CompletionRequest)
+    assert req.prompt == prompt
 
 
 @pytest.mark.parametrize("prompt,needle", [([], "empty list"), ([1, "a"], "a list of token ids"), (5, "got int"),
