@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.errors import DsparkError
 from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics
-from dspark.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_body, parse_request
+from dspark.serve.protocol import ApiError, ChatRequest, CompletionRequest, clip, error_body, parse_request
 from dspark.serve.runner import DEFAULT_MAX_BODY_MB
 from dspark.serve.runtime import ServeRuntime
 from dspark.serve.scheduler import Job, Outcome, Scheduler
@@ -169,7 +169,7 @@ class _Handler:
 
     def check_model(self, model: str) -> None:
         if model != self.rt.model_id:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.rt.model_id}`",
+            raise ApiError(404, f"The model `{clip(model)}` does not exist; this server serves `{self.rt.model_id}`",
                            param="model", code="model_not_found")
 
     def config(self, req, prompt_len: int, limit: int | None, default_limit: int):

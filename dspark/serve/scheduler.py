@@ -96,7 +96,7 @@ SHUTTING_DOWN = "the server is shutting down"
 
 
 def fail_job(job: Job, metrics: ServerMetrics, status: int, kind: str, message: str, cause: str) -> None:
-    """Answer `job` with an error (once) and count it by cause: invalid, error, shutdown."""
+    """Answer `job` with an error (once) and count it by cause: invalid, error, shutdown, client_gone."""
     if not job.answered:
         metrics.aborted.inc(cause=cause)
     job.reply(("error", status, kind, message))

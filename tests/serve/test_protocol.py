@@ -50,6 +50,8 @@ def test_malformed_bodies_are_400s():
     e = _error({"model": "m", "prompt": "x", "beam_width": 3})
     assert e.code == "unknown_parameter" and e.param == "beam_width"
     assert _error({"model": "m"}).param == "prompt"
+    e = _error({"model": "m", "prompt": "x", "temperature": "hot" * 1_000_000})  # the value is not echoed whole
+    assert e.param == "temperature" and len(e.message) < 300
     assert parse_request(b'{"model": "m", "prompt": "x"}', None, CompletionRequest).prompt == "x"
 
 
