@@ -405,7 +405,7 @@ def serve_bundle_cmd(
     """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics).
 
     Limits: request bodies up to --max-body-mb; response_format JSON schemas up to 64 levels of nesting
-    and 32 KiB; seed in [0, 2**63). SIGTERM or Ctrl-C ends the requests in flight with a 503 (a stream
+    and 16 KiB; seed in [0, 2**63). SIGTERM or Ctrl-C ends the requests in flight with a 503 (a stream
     with a final error event).
     """
     from dspark.serve.runner import serve_bundle
