@@ -3,6 +3,7 @@ prints. User errors (`DsparkError`) become one line on stderr and exit code 2, n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dspark.errors import DsparkError
+from dspark.serve.runner import DEFAULT_MAX_BODY_MB
 
 app = typer.Typer(name="dspark", no_args_is_help=True, add_completion=False,
                   help="Distil, select, quantize and serve draft models for speculative decoding.")
@@ -34,6 +36,18 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(e.exit_code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def resumable(out: Path):
+    """Ctrl-C in a resumable command: one line saying how to resume, exit 130 (the shell's code for
+    SIGINT), instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {out} keeps the work finished so far; run the same command again to resume",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -173,10 +187,11 @@ def collect_cmd(
 
     say = (lambda m: err_console.print(m, highlight=False, soft_wrap=True)) if as_json else \
         (lambda m: console.print(m, highlight=False, soft_wrap=True))
-    result = run_collect(target, out, task=task, data=data, num_prompts=num_prompts, split=split, k=top_k,
-                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
-                         shard=shard, device=device, dtype=dtype, engine=engine,
-                         console=err_console if as_json else console, log=say)
+    with resumable(out):
+        result = run_collect(target, out, task=task, data=data, num_prompts=num_prompts, split=split, k=top_k,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                             batch_size=batch_size, shard=shard, device=device, dtype=dtype, engine=engine,
+                             console=err_console if as_json else console, log=say)
     summary = result.to_dict()
     if as_json:
         print_json(summary)
@@ -246,6 +261,11 @@ def generate_cmd(
                               json_schema=None if json_schema is None else str(json_schema), regex=regex,
                               grammar=None if grammar is None else str(grammar), device=device, dtype=dtype)
     rows = generate(target, texts, draft=draft, no_draft=no_draft, options=options)
+    for i, row in enumerate(rows):
+        if row["finish_reason"] == "dead_end":
+            err_console.print(f"warning: prompt {i}: the constraint allowed no further token before it was complete, "
+                              "so the output does not match it (finish reason dead_end)", highlight=False,
+                              soft_wrap=True)
     for row in rows:
         if as_json:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -368,8 +388,13 @@ def serve_bundle_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback unless you mean otherwise)."),
     port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start-up)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DSPARK_API_KEY",
-                                          help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY)."),
+                                          help="Require `Authorization: Bearer KEY` on /v1/* (or set DSPARK_API_KEY); "
+                                               "visible ASCII characters only."),
+    allow_no_key: bool = typer.Option(False, "--allow-no-key",
+                                      help="Serve a --host other machines can reach without --api-key."),
     max_batch_size: int = typer.Option(8, help="Most concurrent requests decoded together."),
+    max_body_mb: float = typer.Option(DEFAULT_MAX_BODY_MB, "--max-body-mb",
+                                      help="Largest request body in MiB (a larger one is refused with 413)."),
     batch_window_ms: float = typer.Option(
         0.0, help="How long an idle server waits for companions of a request (late arrivals join the running "
                   "batch at its next step anyway)."),
@@ -377,11 +402,17 @@ def serve_bundle_cmd(
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding (default: torch's)."),
 ):
-    """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics)."""
+    """Serve a bundle as an OpenAI-compatible endpoint (completions, chat, streaming, JSON schema, /metrics).
+
+    Limits: request bodies up to --max-body-mb; response_format JSON schemas up to 64 levels of nesting
+    and 16 KiB; seed in [0, 2**63). SIGTERM or Ctrl-C ends the requests in flight with a 503 (a stream
+    with a final error event).
+    """
     from dspark.serve.runner import serve_bundle
 
-    serve_bundle(bundle, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
-                 batch_window_ms=batch_window_ms, device=device, dtype=dtype, threads=threads,
+    serve_bundle(bundle, host=host, port=port, api_key=api_key, allow_no_key=allow_no_key,
+                 max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, device=device, dtype=dtype,
+                 threads=threads, max_body_mb=max_body_mb,
                  log=lambda m: console.print(m, highlight=False, soft_wrap=True))
 
 
@@ -431,12 +462,13 @@ def distill_cmd(
                       heldout_percent=heldout_percent, seed=seed, lora_rank=lora, on_policy=on_policy or 0.0,
                       on_policy_max_new_tokens=max_new_tokens, acceptance_head=acceptance_head)
     say_console = err_console if as_json else console
-    summary = run_distill(
-        target, draft, out, task=task, data=data, cache=cache, train=cfg,
-        collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
-        evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
-        device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
-        log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
+    with resumable(out):
+        summary = run_distill(
+            target, draft, out, task=task, data=data, cache=cache, train=cfg,
+            collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
+            evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
+            device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
+            log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
     if summary is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     if as_json:

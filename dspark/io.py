@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves a half-written file behind."""
+"""Atomic file writes: a crash never leaves a half-written file behind; output folder checks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dspark.errors import DsparkError
+
+
+def check_out_folder(out: str | os.PathLike, what: str) -> Path:
+    """An `--out` folder path, refused at once (before any work) when it names an existing file."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DsparkError(f"--out {str(path)!r} is a file: pass a folder for {what}")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -205,6 +205,9 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
     """Write the bundle for (target, draft) (or for the pair a selection file names) to `out`."""
     log = log or (lambda _msg: None)
     t_name, d_name, dl, spec, sel_path = _inputs(target, draft, selection, draft_length)
+    from dspark.decode.policy import parse_draft_length
+
+    parse_draft_length(dl)  # a malformed --draft-length fails before any model file is read
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise DsparkError(f"--out {str(out)!r} is a file: pass a folder path for the bundle")

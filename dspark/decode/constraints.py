@@ -16,7 +16,8 @@ masked with the constraint's state after the tokens before it).
 
 The mask returned by `allowed()` may be shorter or longer than the model's vocabulary: ids beyond its
 length are disallowed, entries beyond the model's vocabulary are ignored. A mask with no allowed
-token ends the request (finish reason "stop") rather than sampling from nothing.
+token before the constraint is finished ends the request with finish reason "dead_end" (the output
+does not match the constraint) rather than sampling from nothing.
 """
 
 from __future__ import annotations

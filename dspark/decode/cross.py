@@ -554,8 +554,10 @@ class CrossTokenizerDecoder:
                 constraint.rollback(K - accepted_c)
                 if extra:
                     constraint.advance(block[-1])
-                if reason is None and (constraint.is_finished() or (dead and n == K)):
+                if reason is None and constraint.is_finished():
                     reason = "stop"
+                elif reason is None and dead and n == K:
+                    reason = "dead_end"  # nothing may follow, yet the constraint is unfinished
             # goodput's cost model charges K drafts at the observed cost per draft: here that is the
             # draft's time per TARGET token proposed (its own forwards plus re-tokenization)
             policy.observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
@@ -565,7 +567,7 @@ class CrossTokenizerDecoder:
             generated += len(block)
             st.generated = generated
             if reason is None and not block:
-                reason = "stop"
+                reason = "dead_end"  # the constraint allows no further token
             if reason is None and (generated >= cfg.max_new_tokens or len(seq) >= ctx_t):
                 reason = "length"
             if reason is not None:

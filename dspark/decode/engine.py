@@ -813,8 +813,10 @@ class DecodeSession:
                 c.rollback(k - accepted_c)
                 if extra:
                     c.advance(block[-1])
-                if reason is None and (c.is_finished() or (dead[bi] and n == k)):
+                if reason is None and c.is_finished():
                     reason = "stop"
+                elif reason is None and dead[bi] and n == k:
+                    reason = "dead_end"  # nothing may follow, yet the constraint is unfinished
             policies[r].observe(StepFeedback(drafted=drafted_c, accepted=accepted_c,
                                              draft_forwards=draft_forwards, draft_s=draft_s, verify_s=verify_s,
                                              verify_width=K + 1, batch_rows=nb))
@@ -822,7 +824,7 @@ class DecodeSession:
             gen_counts[r] += len(block)
             st.generated = gen_counts[r]
             if reason is None and not block:
-                reason = "stop"  # the constraint allows no further token
+                reason = "dead_end"  # the constraint allows no further token
             if reason is None and (gen_counts[r] >= configs[r].max_new_tokens or len(seqs[r]) >= ctx_t):
                 reason = "length"
             if reason is not None:

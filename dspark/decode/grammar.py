@@ -60,6 +60,31 @@ def _xgr_reason(exc: BaseException) -> str:
     return _CHECK_PREFIX.sub("", _XGR_PREFIX.sub("", first)).strip()
 
 
+# JSON-schema keywords whose values map names to schemas, and those whose values are data (never schemas)
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def remote_ref(schema: Any) -> str | None:
+    """The first `$ref` that does not point into the schema itself (not '#...'), else None: xgrammar
+    cannot fetch a remote schema and would silently allow anything in its place. Iterative, so any
+    depth is safe."""
+    stack: list[tuple[Any, bool]] = [(schema, False)]  # (node, node is a name -> schema map)
+    while stack:
+        node, is_map = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, False) for v in node)
+        elif isinstance(node, dict):
+            if is_map:
+                stack.extend((v, False) for v in node.values())
+                continue
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                return ref
+            stack.extend((v, k in _SCHEMA_MAPS) for k, v in node.items() if k not in _DATA_KEYWORDS)
+    return None
+
+
 def _one_line(text: str, limit: int = 80) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -126,6 +151,10 @@ class GrammarSpec:
             raise DsparkError(
                 f"invalid JSON schema {where}: must be a JSON object, got {type(schema).__name__}"
             )
+        ref = remote_ref(schema)
+        if ref is not None:
+            raise DsparkError(f"invalid JSON schema {where}: $ref {_one_line(ref)!r} points outside the schema; "
+                              "only local references ('#/$defs/...') are resolved")
         try:
             source = json.dumps(schema)
         except (TypeError, ValueError) as exc:
@@ -420,7 +449,13 @@ class GrammarCompilerCache:
         mask_history: int = 32,
     ) -> XGrammarConstraint:
         compiled = self.compile(spec, tokenizer, vocab_size, stop_token_ids)
-        return XGrammarConstraint(compiled, int(vocab_size), device=device, mask_history=mask_history)
+        constraint = XGrammarConstraint(compiled, int(vocab_size), device=device, mask_history=mask_history)
+        # The first mask is needed for the first step anyway (it is memoised). Empty, no output can
+        # ever match: refuse now rather than end the request at once as a dead end.
+        if not bool(constraint.allowed().any()):
+            raise DsparkError(f"{spec.kind} grammar {spec.where} can never be satisfied: no token of this "
+                              "tokenizer can start a matching output")
+        return constraint
 
 
 def _resolve_stops(

@@ -22,6 +22,10 @@ from typing import Literal
 from dspark.errors import DsparkError
 
 
+# Seeds are non-negative signed 64-bit integers (what every torch device's generator accepts as given).
+SEED_LIMIT = 2**63
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Per-request settings. temperature == 0 means greedy."""
@@ -45,6 +49,8 @@ class GenerationConfig:
             raise DsparkError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise DsparkError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise DsparkError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             raise DsparkError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -137,7 +143,9 @@ class DecodeStats:
         return d
 
 
-FinishReason = Literal["stop", "length"]
+# "dead_end": an output constraint (grammar) allowed no next token before the output was complete:
+# the text so far does not match it (e.g. the grammar needs a character no token can produce).
+FinishReason = Literal["stop", "length", "dead_end"]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import numpy as np
 
 from dspark.config.base import StrictModel
 from dspark.errors import DataError, DsparkError
-from dspark.io import atomic_write_bytes, atomic_write_json, sha256_file
+from dspark.io import atomic_write_bytes, atomic_write_json, check_out_folder, sha256_file
 
 FORMAT = "dspark-logits-cache"
 FORMAT_VERSION = 1
@@ -704,7 +704,7 @@ def merge_caches(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
 
     if not inputs:
         raise DsparkError("merge needs at least one shard cache")
-    out = Path(out)
+    out = check_out_folder(out, "the merged cache")
     caches = [LogitsCache(p) for p in inputs]
     first = caches[0].manifest
     ident = first.identity()

@@ -776,8 +776,10 @@ def run_collect(target: str, out: str | os.PathLike, *, task: str | None = None,
     """What `dspark collect` does, in the order that makes bad input fail before any work: the
     options, then whether the target exists here (offline `llama3-70b` fails at once), then the
     prompts, then loading the target, then collection with a progress bar."""
+    from dspark.io import check_out_folder
     from dspark.tasks import resolve_source, source_prompts
 
+    check_out_folder(out, "the logits cache")
     shard_t = validate_args(k=k, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
                             shard=shard, engine=engine, prompts_per_part=prompts_per_part)
     check_target_available(target)

@@ -202,13 +202,14 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
     from dspark.distill.cache import LogitsCache, manifest_hash
     from dspark.distill.collect import encode_prompts, load_target, validate_args
     from dspark.distill.train import TrainConfig, validate_config
-    from dspark.io import atomic_write_json
+    from dspark.io import atomic_write_json, check_out_folder
     from dspark.models import check_tokenizers, load_tokenizer
     from dspark.tasks import resolve_source, source_prompts
 
     log = log or (lambda _m: None)
     t_start = time.perf_counter()
     # 1. options
+    check_out_folder(out, "the run (cache/, drafts/, candidates/)")
     cfg = validate_config(train if train is not None else TrainConfig())
     evaluation.check()
     if not drafts:

@@ -8,7 +8,8 @@ Each argument is one of:
   (`quantization: none`, `draft_length: auto`).
 A glob or path that matches nothing is an error before anything loads (a typo should not silently
 shrink the comparison). A YAML file that is not a valid candidate is kept, as a failed entry with
-the reason, so it shows up in the report.
+the reason, so it shows up in the report (when no candidate at all can be read, `select` fails at
+once instead).
 """
 
 from __future__ import annotations

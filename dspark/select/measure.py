@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dspark.decode import analysis
-from dspark.decode.types import DecodeStats
+from dspark.decode.types import SEED_LIMIT, DecodeStats
 from dspark.errors import DsparkError
 from dspark.quantize.loading import MB
 from dspark.select.candidates import Entry
@@ -97,6 +97,9 @@ class SelectConfig:
                               f"got {self.prune_margin}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:
             raise DsparkError(f"--max-memory must be > 0 (GB), got {self.max_memory_gb}")
+        if not 0 <= self.seed <= SEED_LIMIT - self.n:  # prompt i samples with seed + i
+            raise DsparkError(f"--seed must be in [0, 2**63 - {self.n}] (prompt i samples with seed + i), "
+                              f"got {self.seed}")
         if self.cost_ratio is not None and self.hardware is not None:
             raise DsparkError("give --cost-ratio or --hardware, not both")
         if self.hardware is not None:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dspark.errors import DsparkError
+from dspark.io import check_out_folder
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -263,7 +263,4 @@ def summary_lines(report: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 
 def check_out(out: str | os.PathLike) -> Path:
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DsparkError(f"--out {str(out)!r} is a file: pass a folder for the report")
-    return out
+    return check_out_folder(out, "the report")

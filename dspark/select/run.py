@@ -1,6 +1,7 @@
 """The stage behind `dspark select`: gather candidates, score them (measure.py), project, rank
 (rank.py), write the report (report.py). Every input error (an unknown objective, a glob that
-matches nothing, a bad --cost-ratio, a missing task) is raised before the target loads."""
+matches nothing, candidates none of which can be read, a bad --cost-ratio, a missing task) is raised
+before the target loads."""
 
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ def select(candidates: Sequence[str], target: str, config: SelectConfig, task: s
     out_path = check_out(out)
     check_prompt_source(prompts_file, task, config.n)
     entries = gather(list(candidates))
+    unreadable = [e for e in entries if e.error is not None]
+    if len(unreadable) == len(entries):  # nothing to score: say so before the target loads
+        more = f" (and {len(unreadable) - 1} more unreadable candidates)" if len(unreadable) > 1 else ""
+        raise DsparkError(f"no candidate can be scored: {unreadable[0].error}{more}")
     if config.cost_ratio is not None:
         parse_cost_ratios(config.cost_ratio, [e.name for e in entries])
 

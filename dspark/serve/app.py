@@ -3,9 +3,14 @@
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (both
 with `stream: true` as server-sent events), GET /health, GET /metrics (Prometheus text).
 Every error is answered with OpenAI's body {"error": {"message", "type", "param", "code"}}:
-malformed JSON and invalid fields 400, unknown model 404, missing/wrong API key 401, shutting
-down 503. With an API key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics stay open
-(like vLLM) so probes and scrapers need no secret.
+malformed JSON and invalid fields 400, unknown model 404, missing/wrong API key 401, a body over
+`max_body_bytes` 413, an internal failure 500, shutting down 503 (a stream ends with a final
+`data: {"error": ...}` event instead). With an API key, /v1/* needs `Authorization: Bearer KEY`;
+/health and /metrics stay open (like vLLM) so probes and scrapers need no secret.
+
+The event loop only moves bytes: JSON parsing and validation, tokenization and grammar compilation
+run in the threadpool, and a prompt that cannot fit the context is refused before it is tokenized.
+A non-streaming request whose client disconnects is cancelled (its row leaves the batch).
 """
 
 from __future__ import annotations
@@ -18,18 +23,18 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.errors import DsparkError
 from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics
-from dspark.serve.protocol import ApiError, ChatRequest, CompletionRequest, UnsupportedParameter, error_body
+from dspark.serve.protocol import ApiError, ChatRequest, CompletionRequest, clip, error_body, parse_request
+from dspark.serve.runner import DEFAULT_MAX_BODY_MB
 from dspark.serve.runtime import ServeRuntime
 from dspark.serve.scheduler import Job, Outcome, Scheduler
-from dspark.serve.text import chat_prompt, encode_prompt
+from dspark.serve.text import PromptEncoder, PromptTooLong
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -38,36 +43,49 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 # -- errors --------------------------------------------------------------------------------------
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        why = (err.get("ctx") or {}).get("error") or err.get("msg")
-        return ApiError(400, f"malformed JSON body: {why}", code="invalid_json")
-    if not loc and err.get("type") == "model_attributes_type":
-        if isinstance(err.get("input"), (bytes, str)):
-            return ApiError(400, "the request body is not JSON (send Content-Type: application/json)",
-                            code="invalid_json")
-        return ApiError(400, f"the request body must be a JSON object, got {type(err.get('input')).__name__}",
-                        code="invalid_json")
-    if err.get("type") == "extra_forbidden":
-        return ApiError(400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=".".join(loc),
-                        code="unknown_parameter")
-    cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, UnsupportedParameter):
-        return ApiError(400, str(cause), param=cause.param, code="unsupported_parameter")
-    if err.get("type") == "missing":
-        return ApiError(400, f"missing required parameter {'.'.join(loc)!r}", param=".".join(loc) or None,
-                        code="missing_required_parameter")
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    param = ".".join(loc) or None
-    shown = f"{param}: " if param else ""
-    value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
-    return ApiError(400, f"invalid value for {shown}{msg}{value}", param=param, code="invalid_value")
-
-
 def _json_error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+def check_api_key(api_key: str | None) -> None:
+    """A key clients can send: a bearer token is visible ASCII, so a key with spaces around it or a
+    non-ASCII character could never authenticate. The key itself is never echoed."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise DsparkError("--api-key must not be empty")
+    if api_key != api_key.strip():
+        raise DsparkError("--api-key has leading or trailing whitespace, which no client sends: remove it")
+    bad = next((i for i, c in enumerate(api_key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise DsparkError(f"--api-key may hold only visible ASCII characters ('!' to '~', no spaces); character "
+                          f"{bad + 1} of {len(api_key)} is not one")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, or ApiError 413 as soon as it is known to exceed `limit` bytes (from
+    Content-Length before reading anything, else while reading)."""
+    def too_large() -> ApiError:
+        return ApiError(413, f"the request body exceeds this server's limit of {limit} bytes "
+                             f"({limit / 2**20:g} MiB, --max-body-mb)", code="request_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is read, so the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _AuthAndCount:
@@ -151,17 +169,13 @@ class _Handler:
 
     def check_model(self, model: str) -> None:
         if model != self.rt.model_id:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.rt.model_id}`",
+            raise ApiError(404, f"The model `{clip(model)}` does not exist; this server serves `{self.rt.model_id}`",
                            param="model", code="model_not_found")
 
-    def config(self, req, prompt_len: int, limit: int | None, default_limit: int, param: str):
+    def config(self, req, prompt_len: int, limit: int | None, default_limit: int):
         from dspark.decode import GenerationConfig
 
-        ctx = self.rt.context_length
-        if prompt_len >= ctx:
-            raise ApiError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                                f"{prompt_len} tokens (at most {ctx - 1} leave room for one generated token)",
-                           param=param, code="context_length_exceeded")
+        ctx = self.rt.context_length  # the prompt itself fits: check_ids
         max_tokens = limit if limit is not None else min(default_limit, ctx - prompt_len)
         if prompt_len + max_tokens > ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len} "
@@ -176,7 +190,8 @@ class _Handler:
         except DsparkError as e:
             raise ApiError(400, str(e)) from None
 
-    async def constraint(self, req):
+    def constraint(self, req):
+        """A fresh grammar constraint for one choice, or None (CPU work: runs in the threadpool)."""
         rf = req.response_format
         if rf is None or rf.type == "text":
             return None
@@ -185,43 +200,79 @@ class _Handler:
         try:
             spec = (GrammarSpec.json_object() if rf.type == "json_object"
                     else GrammarSpec.from_json_schema(rf.json_schema.schema_))
-            return await run_in_threadpool(self.rt.make_constraint, spec)
+            return self.rt.make_constraint(spec)
         except DsparkError as e:
             raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
 
+    def encode(self, fn, arg, param: str) -> list[int]:
+        """Token ids of a prompt (fn: PromptEncoder.completion or .chat; CPU work: runs in the threadpool)."""
+        try:
+            return self.check_ids(fn(arg), param)
+        except PromptTooLong as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        except DsparkError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def completion_prompts(self, prompt, encoder: PromptEncoder) -> list[list[int]]:
+        """The token ids of each prompt of a completion request: a text, a list of texts, one token-id
+        list or a list of them (CPU work: runs in the threadpool)."""
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif all(isinstance(x, int) for x in prompt):
+            items = [list(prompt)]
+        else:
+            items = list(prompt)
+        return [self.encode(encoder.completion, t, "prompt") if isinstance(t, str)
+                else self.check_ids(list(t), "prompt") for t in items]
+
     def check_ids(self, ids: list[int], param: str) -> list[int]:
+        """A prompt's ids: non-empty, leaving room for one generated token, inside the vocabulary."""
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", param=param)
+        ctx = self.rt.context_length
+        if len(ids) >= ctx:
+            raise ApiError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                                f"{len(ids)} tokens (at most {ctx - 1} leave room for one generated token)",
+                           param=param, code="context_length_exceeded")
         limit = self.rt.vocab_limit
         bad = next((t for t in ids if not isinstance(t, int) or t < 0 or t >= limit), None)
         if bad is not None:
             raise ApiError(400, f"prompt token id {bad!r} is outside the vocabulary [0, {limit})", param=param)
         return ids
 
-    async def jobs(self, req, prompts: list[list[int]], limit, default_limit: int, param: str):
+    async def jobs(self, req, prompts: list[list[int]], limit, default_limit: int):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         jobs = []
         for i, ids in enumerate(prompts):
-            cfg = self.config(req, len(ids), limit, default_limit, param)
+            cfg = self.config(req, len(ids), limit, default_limit)
             jobs.append(Job(prompt_ids=ids, config=cfg, emit=_sink(loop, queue, i),
-                            constraint=await self.constraint(req), stop=tuple(req.stop), stream=bool(req.stream)))
+                            constraint=await run_in_threadpool(self.constraint, req), stop=tuple(req.stop),
+                            stream=bool(req.stream)))
         try:
             self.scheduler.submit(jobs)
         except DsparkError as e:
             raise ApiError(503, str(e), type="server_error") from None
         return jobs, queue
 
-    async def collect(self, jobs: list[Job], queue: asyncio.Queue) -> list[Outcome]:
+    async def collect(self, jobs: list[Job], queue: asyncio.Queue, request: Request) -> list[Outcome]:
+        """Every job's outcome; the jobs are cancelled if the client disconnects first."""
         outcomes: list[Outcome | None] = [None] * len(jobs)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while any(o is None for o in outcomes):
-                idx, item = await queue.get()
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise ApiError(499, "the client closed the connection", code="client_closed_request")
+                idx, item = get.result()
                 if item[0] == "done":
                     outcomes[idx] = item[1]
                 elif item[0] == "error":
                     raise ApiError(item[1], item[3], type=item[2])
         finally:
+            gone.cancel()
             for j in jobs:
                 j.cancel()
         return outcomes  # type: ignore[return-value]
@@ -257,10 +308,12 @@ class _Handler:
 
 
 def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_size: int = 8,
-               batch_window_s: float = 0.0) -> FastAPI:
-    """The FastAPI app; the scheduler thread starts and stops with the app's lifespan."""
-    if api_key is not None and not api_key.strip():
-        raise DsparkError("--api-key must not be empty")
+               batch_window_s: float = 0.0, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)) -> FastAPI:
+    """The FastAPI app; the scheduler thread starts and stops with the app's lifespan (and
+    `app.state.scheduler.stop()` fails every waiting and running request with 503 at shutdown)."""
+    check_api_key(api_key)
+    if max_body_bytes < 1:
+        raise DsparkError(f"--max-body-mb must be > 0, got {max_body_bytes / 2**20:g}")
     scheduler_box: dict[str, Scheduler] = {}
     metrics = ServerMetrics(runtime.policy, queue_depth=lambda: scheduler_box["s"].queue_depth(),
                             running=lambda: scheduler_box["s"].running())
@@ -268,6 +321,11 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
                           max_batch_size=max_batch_size, batch_window_s=batch_window_s)
     scheduler_box["s"] = scheduler
     handler = _Handler(runtime, scheduler)
+    encoder = PromptEncoder(runtime.tokenizer, runtime.context_length)
+
+    async def parse_body(request: Request, model):
+        raw = await read_body(request, max_body_bytes)
+        return await run_in_threadpool(parse_request, raw, request.headers.get("content-type"), model)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -279,10 +337,6 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
 
     app = FastAPI(title="dspark", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime, app.state.scheduler, app.state.metrics = runtime, scheduler, metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(_req, exc: RequestValidationError):
-        return _json_error(_validation_error(exc))
 
     @app.exception_handler(ApiError)
     async def _on_api_error(_req, exc: ApiError):
@@ -327,19 +381,11 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
         return model_card()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request):
+        req = await parse_body(request, CompletionRequest)
         handler.check_model(req.model)
-        p = req.prompt
-        if isinstance(p, str):
-            texts: list = [p]
-        elif all(isinstance(x, int) for x in p):
-            texts = [list(p)]
-        else:
-            texts = list(p)
-        tok = runtime.tokenizer
-        prompts = [handler.check_ids(encode_prompt(tok, t) if isinstance(t, str) else list(t), "prompt")
-                   for t in texts]
-        jobs, queue = await handler.jobs(req, prompts, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+        prompts = await run_in_threadpool(handler.completion_prompts, req.prompt, encoder)
+        jobs, queue = await handler.jobs(req, prompts, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": runtime.model_id}
         if req.stream:
@@ -355,21 +401,18 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(handler.stream(jobs, queue, chunk, final_chunk, include, []),
                                      media_type="text/event-stream")
-        outs = await handler.collect(jobs, queue)
+        outs = await handler.collect(jobs, queue, request)
         return {**base, "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
                                     for i, o in enumerate(outs)],
                 "usage": _usage(outs), "speculative": merge_speculative([o.speculative for o in outs])}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(request: Request):
+        req = await parse_body(request, ChatRequest)
         handler.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = await run_in_threadpool(chat_prompt, runtime.tokenizer, messages)
-        except DsparkError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        handler.check_ids(ids, "messages")
-        jobs, queue = await handler.jobs(req, [ids], req.token_limit, runtime.context_length, "messages")
+        ids = await run_in_threadpool(handler.encode, encoder.chat, messages, "messages")
+        jobs, queue = await handler.jobs(req, [ids], req.token_limit, runtime.context_length)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion", "created": created, "model": runtime.model_id}
         if req.stream:
@@ -391,7 +434,7 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(handler.stream(jobs, queue, chunk, final_chunk, include, head),
                                      media_type="text/event-stream")
-        outs = await handler.collect(jobs, queue)
+        outs = await handler.collect(jobs, queue, request)
         return {**base, "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
                                      "logprobs": None, "finish_reason": o.finish_reason}
                                     for i, o in enumerate(outs)],

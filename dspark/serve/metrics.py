@@ -128,6 +128,10 @@ class ServerMetrics:
                                      ("route", "status"))
         self.requests = Counter("dspark_requests_total", "Generation requests finished, by finish reason.",
                                 ("finish_reason",))
+        self.aborted = Counter("dspark_requests_aborted_total",
+                               "Generation requests that ended without a result, by cause: invalid (refused by the "
+                               "decoder), error, shutdown, client_gone (the client closed the connection).",
+                               ("cause",))
         self.prompt_tokens = Counter("dspark_prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = Counter("dspark_generation_tokens_total", "Tokens generated for finished requests.")
         self.drafted = Counter("dspark_drafted_tokens_total", "Drafted tokens the target verified.")
@@ -168,8 +172,8 @@ class ServerMetrics:
 
     def render(self) -> str:
         parts: list[str] = []
-        for inst in (self.http_requests, self.requests, self.prompt_tokens, self.generation_tokens, self.drafted,
-                     self.accepted, self.verify_steps, self.emitted, *self._gauges, self.latency, self.ttft,
-                     self.queue_time, self.batch_size):
+        for inst in (self.http_requests, self.requests, self.aborted, self.prompt_tokens, self.generation_tokens,
+                     self.drafted, self.accepted, self.verify_steps, self.emitted, *self._gauges, self.latency,
+                     self.ttft, self.queue_time, self.batch_size):
             parts.extend(inst.render())
         return "\n".join(parts) + "\n"

@@ -19,8 +19,12 @@ Fairness: a running batch admits only jobs that arrived before the oldest waitin
 key; once such a job waits, the batch drains and that job's key runs next.
 
 Each job's events go to its `emit` callback (thread-safe; the HTTP side bridges it into asyncio):
-("text", delta) as text becomes safe to send (streaming jobs only), then ("done", Outcome) or
-("error", status, type, msg).
+("text", delta) as text becomes safe to send (streaming jobs only), then exactly one final event,
+("done", Outcome) or ("error", status, type, msg). Every job taken from the queue gets its final
+event whatever goes wrong: an exception while admitting a job fails that job (400 for a DsparkError,
+else 500), one in a decode step fails the batch's rows, and `stop()` (server shutdown) fails waiting
+and running jobs with 503 (running ones after the current step). A client that went away
+(`Job.cancel`) is told nothing and its row leaves the batch.
 
 Speculative stats: every decoder event carries the request's live DecodeStats, so a request ended
 by a `stop` string (answered at once; its row is then dropped from the batch) reports the exact
@@ -73,10 +77,29 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=itertools.count().__next__)
+    answered: bool = False  # its final event ("done" / "error") was sent
 
     def cancel(self) -> None:
         """The client went away: stop sending, and let the batch end early if nobody else needs it."""
         self.cancelled.set()
+
+    def reply(self, item: tuple) -> None:
+        """Send the final event once (a later one is dropped); a cancelled job is sent nothing."""
+        if self.answered:
+            return
+        self.answered = True
+        if not self.cancelled.is_set():
+            self.emit(item)
+
+
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def fail_job(job: Job, metrics: ServerMetrics, status: int, kind: str, message: str, cause: str) -> None:
+    """Answer `job` with an error (once) and count it by cause: invalid, error, shutdown, client_gone."""
+    if not job.answered:
+        metrics.aborted.inc(cause=cause)
+    job.reply(("error", status, kind, message))
 
 
 def batch_key(job: Job) -> tuple:
@@ -119,10 +142,9 @@ class _Row:
         self.steps = self.accepted = self.emitted = 0
         self.first_token_at: float | None = None
 
-    def fail(self, status: int, kind: str, message: str) -> None:
+    def fail(self, status: int, kind: str, message: str, cause: str) -> None:
         self.done = True
-        if not self.job.cancelled.is_set():
-            self.job.emit(("error", status, kind, message))
+        fail_job(self.job, self.metrics, status, kind, message, cause)
 
     def on_event(self, ev) -> None:
         if self.job.cancelled.is_set():
@@ -171,7 +193,7 @@ class _Row:
         else:
             m.verify_steps.inc(self.steps)
             m.emitted.inc(self.emitted)
-        self.job.emit(("done", Outcome(self.text.text, list(self.text.ids), reason, n_prompt, n_gen, spec)))
+        self.job.reply(("done", Outcome(self.text.text, list(self.text.ids), reason, n_prompt, n_gen, spec)))
 
 
 class Scheduler:
@@ -213,21 +235,23 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, fail the waiting ones and (after its current step) the running batch with
+        503, and wait for the thread. Idempotent."""
         with self._cond:
             self._stopping = True
             left = list(self._pending)
             self._pending.clear()
             self._cond.notify_all()
         for job in left:
-            job.emit(("error", 503, "server_error", "the server is shutting down"))
-        if self._thread is not None:
+            fail_job(job, self.metrics, 503, "server_error", SHUTTING_DOWN, "shutdown")
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all choices of one request are queued together, so they can share a batch)."""
         with self._cond:
             if self._stopping:
-                raise DsparkError("the server is shutting down")
+                raise DsparkError(SHUTTING_DOWN)
             self._pending.extend(jobs)
             self._cond.notify_all()
 
@@ -283,46 +307,70 @@ class Scheduler:
             self._pending.extend(keep)
             return take
 
-    def _add(self, session, rows: dict, jobs: list[Job]) -> None:
+    def _add(self, session, rows: dict, jobs: list[Job]):
+        """Admit `jobs` into `session` (rows: job id -> _Row); a job that cannot be admitted is failed
+        alone. Returns the session to go on with: a fresh one when a failed admission may have left
+        an empty session half set up (e.g. its sampling generator)."""
         now = time.perf_counter()
         for job in jobs:
             self.metrics.queue_time.observe(now - job.arrived)
             if job.cancelled.is_set():
+                fail_job(job, self.metrics, 499, "invalid_request_error", "client closed the request", "client_gone")
                 continue
             row = _Row(job, self.tokenizer, self.policy, self.metrics)
             try:
                 session.add([job.prompt_ids], [job.config], [job.constraint], row_ids=[job.id])
             except DsparkError as e:
-                row.fail(400, "invalid_request_error", str(e))
+                row.fail(400, "invalid_request_error", str(e), "invalid")
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure must reach the request, not hang it
+                log.exception("admitting a request failed")
+                row.fail(500, "server_error", f"admitting the request failed: {type(e).__name__}: {e}", "error")
+                if not rows:
+                    session = self.decoder.session()
                 continue
             rows[job.id] = row
         self._running = len(rows)
         if jobs:
             self.metrics.batch_size.observe(len(rows))
+        return session
 
     def run_batch(self, batch: list[Job]) -> None:
         """Decode `batch` in one session, admitting waiting jobs with its key between steps, until no
-        row is left."""
+        row is left; every job taken gets its final event, whatever fails."""
         self.batches += 1
-        key = batch_key(batch[0])
-        session = self.decoder.session()
+        taken = list(batch)
         rows: dict[int, _Row] = {}
         try:
-            self._add(session, rows, batch)
+            key = batch_key(batch[0])
+            session = self._add(self.decoder.session(), rows, batch)
             while rows:
+                if self._stopping:
+                    for r in rows.values():
+                        r.fail(503, "server_error", SHUTTING_DOWN, "shutdown")
+                    return
                 for ev in session.step():
                     row = rows.get(ev.row)
-                    if row is not None and not row.done:
+                    if row is None or row.done:
+                        continue
+                    try:
                         row.on_event(ev)
+                    except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failing on this row's text
+                        log.exception("finishing a request failed")
+                        row.fail(500, "server_error", f"{type(e).__name__}: {e}", "error")
                 for jid, row in list(rows.items()):
                     if row.done or row.job.cancelled.is_set():
+                        if not row.job.answered:  # its client went away mid-decode
+                            fail_job(row.job, self.metrics, 499, "invalid_request_error", "client closed the request",
+                                     "client_gone")
                         session.cancel(jid)  # a no-op for rows the decoder finished itself
                         del rows[jid]
-                self._add(session, rows, self._more(key, self.max_batch_size - len(rows)))
+                more = self._more(key, self.max_batch_size - len(rows))
+                taken.extend(more)
+                session = self._add(session, rows, more)
         except Exception as e:
             log.exception("decoding failed")
-            for r in rows.values():
-                if not r.done:
-                    r.fail(500, "server_error", f"decoding failed: {type(e).__name__}: {e}")
+            for job in taken:
+                fail_job(job, self.metrics, 500, "server_error", f"decoding failed: {type(e).__name__}: {e}", "error")
         finally:
             self._running = 0

@@ -28,17 +28,75 @@ def plain_chat_text(messages: Sequence[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids for a chat: the tokenizer's chat template (with the generation prompt) when it has
-    one, else `plain_chat_text` with the tokenizer's special tokens."""
+def chat_text(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[str, bool]:
+    """(text, add_special_tokens) of a chat: the tokenizer's chat template (with the generation
+    prompt) when it has one, which writes BOS itself where the model wants one; else
+    `plain_chat_text` with the tokenizer's special tokens."""
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises its own errors for conversations a template rejects
             raise DsparkError(f"the model's chat template rejected these messages: {e}") from None
-        # The template writes BOS itself where the model wants one.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return encode_prompt(tokenizer, plain_chat_text(messages))
+        return text, False
+    return plain_chat_text(messages), True
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids for a chat (see `chat_text`)."""
+    text, special = chat_text(tokenizer, messages)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+# Pre-tokenizers that drop characters (whitespace, a split pattern "removed"): a token then stands
+# for more text than its own characters, so no character count bounds the token count.
+_DROPPING_PRE_TOKENIZERS = ("Whitespace", "BertPreTokenizer", "removed")
+
+
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters of (normalized) text one token stands for, or None when the tokenizer
+    gives no such bound (not a fast tokenizer, or its pre-tokenizer drops characters). A token's
+    vocabulary string is never shorter than the text it covers: byte-level BPE spells each byte as
+    one character, SentencePiece a space as '▁' and a byte as '<0x0A>', an added token is its text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or any(name in str(backend.pre_tokenizer) for name in _DROPPING_PRE_TOKENIZERS):
+        return None
+    return max((len(t) for t in tokenizer.get_vocab()), default=0) or None
+
+
+class PromptTooLong(DsparkError):
+    """A prompt with more tokens than the context holds, found before tokenizing it."""
+
+    def __init__(self, chars: int, max_chars: int, context: int):
+        super().__init__(f"This model's maximum context length is {context} tokens, but the prompt has {chars} "
+                         f"characters, so at least {-(-chars // max_chars)} tokens (no token of this tokenizer "
+                         f"covers more than {max_chars} characters)")
+
+
+class PromptEncoder:
+    """Prompt texts to token ids for a model with a context of `context` tokens. Tokenizing is
+    O(text) CPU work, so a text that cannot fit (more characters than `context` tokens of the
+    longest token can cover) is refused with PromptTooLong before it is tokenized."""
+
+    def __init__(self, tokenizer, context: int):
+        self.tokenizer, self.context = tokenizer, int(context)
+        self.max_chars = max_token_chars(tokenizer)
+
+    def check_length(self, text: str) -> None:
+        if self.max_chars is None or len(text) <= self.context * self.max_chars:
+            return  # the cheap case: it may fit
+        normalizer = self.tokenizer.backend_tokenizer.normalizer  # counted after normalization (which may shrink it)
+        chars = len(normalizer.normalize_str(text)) if normalizer is not None else len(text)
+        if -(-chars // self.max_chars) >= self.context:
+            raise PromptTooLong(chars, self.max_chars, self.context)
+
+    def completion(self, text: str) -> list[int]:
+        self.check_length(text)
+        return encode_prompt(self.tokenizer, text)
+
+    def chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        text, special = chat_text(self.tokenizer, messages)
+        self.check_length(text)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def _stop_prefix_len(text: str, end: int, stops: Sequence[str]) -> int:

@@ -194,6 +194,10 @@ S = ["--target", str(STORIES)]
     (["--target", "some/unknown-model", "--prompt", "x"], "has no default draft"),
     ([*S, "--no-draft", "--prompt", "x", "--device", "tpu"], "unknown device 'tpu'"),
     ([*S, "--no-draft", "--prompt", "x", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    # a seed torch refuses was a traceback after loading the models
+    ([*S, "--no-draft", "--prompt", "x", "--temperature", "0.5", "--seed", "100000000000000000000000"],
+     "seed must be an integer in [0, 2**63), got 100000000000000000000000"),
+    ([*S, "--no-draft", "--prompt", "x", "--temperature", "0.5", "--seed", "-1"], "seed must be an integer in"),
 ])
 def test_bad_input_is_one_line(args, needle):
     assert needle in one_line_error(args)
@@ -219,3 +223,15 @@ def test_prompts_file_error_via_cli(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"text": 1}\n')
     assert "line 1: needs an object with a 'prompt' field" in one_line_error([*S, "--no-draft", "--prompts", str(f)])
+
+
+def test_a_constraint_nothing_can_match_is_refused_and_a_dead_end_is_named():
+    """`--regex '[^\\s\\S]'` exited 0 with no output; a dead end mid-way was reported as "stop"."""
+    line = one_line_error([*S, "--no-draft", "--prompt", "Once", "--regex", r"[^\s\S]", *BASE])
+    assert "can never be satisfied" in line
+    result = runner.invoke(app, ["generate", *S, "--no-draft", "--prompt", "Once", "--regex", r"a[^\s\S]", *BASE,
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["text"] == "a" and row["finish_reason"] == "dead_end"
+    assert "warning: prompt 0: the constraint allowed no further token" in result.stderr

@@ -286,6 +286,23 @@ def test_constrained_greedy_equals_the_targets_constrained_greedy(stories, tiny_
     assert all(len(r.token_ids) == 13 and r.token_ids[-1] == 2 for r in res)
 
 
+def test_constraint_dead_end_is_not_a_stop(stories, tiny_draft):
+    """A constraint that allows no token before it is finished ends the request as "dead_end"."""
+    tok, target = stories
+    dtok, draft = tiny_draft
+
+    class DeadAfter(AllowList):
+        def allowed(self) -> torch.Tensor:
+            return torch.zeros_like(self.mask) if self.n >= self.length else self.mask
+
+    allowed = torch.zeros(512, dtype=torch.bool)
+    allowed[3:300] = True
+    dec = CrossTokenizerDecoder(target, draft, tok, "4", draft_tokenizer=dtok)
+    cfg = GenerationConfig(max_new_tokens=30, stop_token_ids=(2,))
+    r = dec.generate([tok(STORY_PROMPTS[0]).input_ids], cfg, [DeadAfter(allowed, 2, 5)])[0]
+    assert len(r.token_ids) == 5 and r.finish_reason == "dead_end"
+
+
 def test_errors(stories, tiny_draft):
     tok, target = stories
     dtok, draft = tiny_draft

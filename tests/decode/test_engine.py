@@ -251,15 +251,21 @@ def test_constrained_speculative_greedy_equals_constrained_target_greedy():
     assert any(c.calls["rollback"] for c in cons)  # the rollback path ran
 
 
-def test_constraint_that_allows_nothing_stops_the_request():
+def test_constraint_that_allows_nothing_ends_the_request_as_a_dead_end():
+    """Nothing may follow, yet the constraint is unfinished: the output does not match it, so the
+    request ends as "dead_end", never as "stop" (which says the output is complete)."""
     target = random_llama(vocab=16, seed=3)
 
     class Dead(ParityConstraint):
         def allowed(self):
             return super().allowed() & torch.tensor(len(self.tokens) < 3)
 
-    dec = SpeculativeDecoder(target, random_llama(vocab=16, seed=5), None, draft_length=4)
-    r = dec.generate([[1]], GenerationConfig(max_new_tokens=10), [Dead(16, 100)])[0]
+    for k in ("4", "1", "auto"):
+        dec = SpeculativeDecoder(target, random_llama(vocab=16, seed=5), None, draft_length=k)
+        r = dec.generate([[1]], GenerationConfig(max_new_tokens=10), [Dead(16, 100)])[0]
+        assert len(r.token_ids) == 3 and r.finish_reason == "dead_end"
+    # a finished constraint still ends as "stop"
+    r = dec.generate([[1]], GenerationConfig(max_new_tokens=10), [ParityConstraint(16, 3)])[0]
     assert len(r.token_ids) == 3 and r.finish_reason == "stop"
 
 

@@ -494,3 +494,32 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DsparkError) as e:
         GrammarSpec("yaml", "x")
     assert_one_line(e, "'yaml'", "json_schema, json_object, regex, ebnf")
+
+
+def test_remote_refs_are_refused_local_ones_resolved():
+    """xgrammar cannot fetch a remote $ref and silently allowed anything in its place."""
+    remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}, "required": ["a"]}
+    with pytest.raises(DsparkError) as e:
+        GrammarSpec.from_json_schema(remote)
+    assert_one_line(e, "'https://example.com/a.json'", "only local references")
+    nested = {"$defs": {"x": {"anyOf": [{"$ref": "other.json#/x"}, {"type": "null"}]}}, "$ref": "#/$defs/x"}
+    with pytest.raises(DsparkError, match="'other.json#/x'"):
+        GrammarSpec.from_json_schema(nested)
+    # local refs resolve; a "$ref" inside data (const / enum / default) or as a property name is not a reference
+    ok = {"$defs": {"n": {"type": "integer"}}, "type": "object",
+          "properties": {"n": {"$ref": "#/$defs/n"}, "$ref": {"type": "string"},
+                         "c": {"const": {"$ref": "http://x"}}, "d": {"default": {"$ref": "http://y"}}}}
+    assert GrammarSpec.from_json_schema(ok).kind == "json_schema"
+
+
+@needs_tiny
+def test_unsatisfiable_constraints_are_refused_up_front(tiny):
+    """A grammar that no output can match was accepted and ended at once (reported as a "stop")."""
+    tok, model = tiny
+    for spec in (GrammarSpec.from_regex(r"[^\s\S]"), GrammarSpec.from_ebnf('root ::= [^\\x00-\\U0010FFFF]')):
+        with pytest.raises(DsparkError) as e:
+            make_constraint(spec, tok, model.config.vocab_size)
+        assert_one_line(e, "can never be satisfied")
+    # a grammar that matches only the empty output is satisfiable: the stop token is allowed at once
+    c = make_constraint(GrammarSpec.from_regex("(a)?"), tok, model.config.vocab_size)
+    assert bool(c.allowed().any())

@@ -201,3 +201,21 @@ def test_merge_shard_caches(tmp_path):
     write_synthetic_cache(d, [r for r in rows if r.prompt_index % 2 == 1], shard=(1, 2), per_part=2,
                           target_name="/other/machine/copy")
     assert merge_caches([a, d], tmp_path / "m5").counts.rows == 10
+
+
+def test_merge_caches_cli_out_that_is_a_file_is_one_line(tmp_path):
+    """It was a NotADirectoryError traceback."""
+    from typer.testing import CliRunner
+
+    from dspark.cli import app
+
+    rows = synthetic_rows(4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_synthetic_cache(a, [r for r in rows if r.prompt_index % 2 == 0], shard=(0, 2))
+    write_synthetic_cache(b, [r for r in rows if r.prompt_index % 2 == 1], shard=(1, 2))
+    f = tmp_path / "merged.txt"
+    f.write_text("keep")
+    res = CliRunner().invoke(app, ["merge-caches", str(a), str(b), "--out", str(f)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip() == f"error: --out {str(f)!r} is a file: pass a folder for the merged cache"
+    assert f.read_text() == "keep"

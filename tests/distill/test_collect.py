@@ -228,6 +228,30 @@ def test_cli_offline_70b_fails_at_once(tmp_path):
     assert not out.exists()
 
 
+def test_cli_out_file_fails_before_loading_and_ctrl_c_says_resume(tmp_path, monkeypatch):
+    """--out naming a file was found only after the target had loaded; Ctrl-C printed "Aborted!"."""
+    import dspark.distill.collect as collect_mod
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("loaded the target before checking --out")
+
+    monkeypatch.setattr(collect_mod, "load_target", must_not_load)
+    f = tmp_path / "cache.txt"
+    f.write_text("keep")
+    res = runner.invoke(app, ["collect", "--target", str(STORIES), "--task", "code", "--out", str(f)])
+    assert res.exit_code == 2 and f"--out {str(f)!r} is a file" in res.output and f.read_text() == "keep"
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(collect_mod, "run_collect", interrupted)
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["collect", "--target", str(STORIES), "--task", "code", "--out", str(out)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 130 and len(lines) == 1, res.output
+    assert f"interrupted: {out} keeps the work finished so far; run the same command again to resume" == lines[0]
+
+
 def test_cli_collect_json_resume_and_mismatch(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": s}) + "\n"

@@ -189,6 +189,35 @@ def test_duplicate_drafts_and_missing_source(tmp_path):
     assert "give a task" in error_line(run("--target", TARGET, "--draft", DRAFT, "--out", tmp_path / "b", *TINY))
 
 
+def test_out_that_is_a_file_fails_at_once(tmp_path, monkeypatch):
+    """It was a traceback after collecting and measuring for a minute."""
+    from dspark.distill import collect as collect_mod
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("loaded the target before checking --out")
+
+    monkeypatch.setattr(collect_mod, "load_target", must_not_load)
+    f = tmp_path / "run.txt"
+    f.write_text("keep")
+    text = error_line(run("--target", TARGET, "--draft", DRAFT, "--task", "code", "--out", f, *TINY))
+    assert f"--out {str(f)!r} is a file" in text and f.read_text() == "keep"
+
+
+def test_ctrl_c_says_the_run_can_be_resumed(tmp_path, monkeypatch):
+    """Ctrl-C printed click's bare "Aborted!" (or a traceback): now one line naming what is kept."""
+    from dspark.distill import distill as distill_mod
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_mod, "run_distill", interrupted)
+    out = tmp_path / "run"
+    res = run("--target", TARGET, "--draft", DRAFT, "--task", "code", "--out", out, *TINY)
+    assert res.exit_code == 130, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "run the same command again to resume" in lines[0] and str(out) in lines[0]
+
+
 def test_optional_value_flags():
     assert parse_optional_value_flags([]) == (None, None)
     assert parse_optional_value_flags(["--lora"]) == (16, None)

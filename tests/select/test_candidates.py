@@ -37,3 +37,23 @@ def test_errors_before_anything_loads(tmp_path):
     (tmp_path / "y" / "a.yaml").write_text("name: same\ndraft: d\n")
     with pytest.raises(DsparkError, match="two candidates are named 'same'"):
         gather([str(tmp_path / "x"), str(tmp_path / "y")])
+
+
+def test_select_with_no_readable_candidate_fails_before_loading(tmp_path, monkeypatch):
+    """An invalid candidate file was kept as a failed entry, so select loaded the target and measured
+    for half a minute before saying nothing could be scored."""
+    from typer.testing import CliRunner
+
+    import dspark.models
+    from dspark.cli import app
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("loaded the target with nothing to score")
+
+    monkeypatch.setattr(dspark.models, "load_tokenizer", must_not_load)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [")
+    res = CliRunner().invoke(app, ["select", "--candidates", str(bad), "--target", "tiny-code", "--task", "code",
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no candidate can be scored" in res.output and "bad.yaml" in res.output, res.output
+    assert not (tmp_path / "r").exists()

@@ -23,6 +23,14 @@ def test_prune_always_keeps_the_fastest_static_k():
     assert prune_methods({"auto": 200.0}, 0.15) == []
 
 
+def test_seed_range_is_checked_before_anything_loads():
+    """Prompt i samples with seed + i: a seed torch refuses failed mid-run, after the target loaded."""
+    assert SelectConfig(n=4, seed=2**63 - 4).seed == 2**63 - 4
+    for bad in (-1, 2**63 - 3, 2**64):
+        with pytest.raises(DsparkError, match=r"--seed must be in \[0, 2\*\*63 - 4\]"):
+            SelectConfig(n=4, seed=bad)
+
+
 def test_prune_margin_is_checked():
     assert SelectConfig(prune_margin=None).prune_margin is None
     for bad in (0.0, 1.0, -0.2):

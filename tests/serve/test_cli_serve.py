@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -28,7 +29,7 @@ def _reader(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def test_serve_bundle_process_enforces_api_key(serve_bundle_dir):
+def test_serve_bundle_process_enforces_api_key_and_ends_requests_on_sigterm(serve_bundle_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("DSPARK_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "dspark", "serve-bundle", str(serve_bundle_dir), "--port", "0",
@@ -65,6 +66,28 @@ def test_serve_bundle_process_enforces_api_key(serve_bundle_dir):
         out = good.completions.create(model="tiny-pair", prompt="def f(x):", max_tokens=4, temperature=0)
         assert out.usage.completion_tokens >= 1 and "speculative" in out.model_dump()
         assert httpx.get(url + "/metrics", timeout=30).status_code == 200  # probes need no key
+
+        # SIGTERM with requests in flight: each ends with an OpenAI-shaped error (503 / a final SSE error
+        # event), not a plain-text 500 or a cut stream once uvicorn's graceful timeout runs out
+        body = {"model": "tiny-pair", "prompt": "def f():", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+        auth = {"Authorization": "Bearer s3cret"}
+        plain: dict = {}
+        t = threading.Thread(target=lambda: plain.update(
+            r=httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=300)))
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=auth,
+                          timeout=300) as stream:
+            lines = stream.iter_lines()
+            events = [next(lines)]  # the stream is running
+            t.start()
+            while httpx.get(url + "/health", timeout=30).json()["running"] < 2:
+                assert t.is_alive() and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            events.extend(line for line in lines if line)
+        t.join(300)
+        assert plain["r"].status_code == 503 and plain["r"].json()["error"]["type"] == "server_error"
+        assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][6:])["error"]["message"]
+        proc.wait(60)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -88,3 +111,29 @@ def test_serve_bundle_cli_errors(tmp_path, serve_bundle_dir):
     assert res.exit_code == 2 and "--max-batch-size must be >= 1" in res.output
     res = runner.invoke(app, ["serve-bundle", str(serve_bundle_dir), "--threads", "0", "--port", "0"])
     assert res.exit_code == 2 and "--threads must be >= 1, got 0" in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--api-key", " s3cret "], "--api-key has leading or trailing whitespace"),
+    (["--api-key", "clé"], "--api-key may hold only visible ASCII characters"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: pass --api-key KEY"),
+    (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
+])
+def test_serve_bundle_checks_options_before_reading_the_bundle(tmp_path, monkeypatch, args, needle):
+    """Each was found only after the bundle was hashed and both models loaded (or, for the keys and
+    the open host, never: the server started but no client could authenticate, or anyone could call it)."""
+    monkeypatch.delenv("DSPARK_API_KEY", raising=False)
+    res = CliRunner().invoke(app, ["serve-bundle", str(tmp_path / "no-bundle"), "--port", "0", *args])
+    assert res.exit_code == 2 and needle in res.output and "not a folder" not in res.output, res.output
+    assert "s3cret" not in res.output  # a key is never echoed
+
+
+def test_help_names_the_limits():
+    from dspark.serve.protocol import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
+
+    res = CliRunner().invoke(app, ["serve-bundle", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(res.output.split())
+    assert f"up to {MAX_SCHEMA_DEPTH} levels of nesting and {MAX_SCHEMA_BYTES // 1024} KiB" in text
+    assert "--max-body-mb" in text and "--allow-no-key" in text and "[default: 8.0]" in text

@@ -46,3 +46,22 @@ def test_bad_port_and_taken_port_fail_in_one_line():
             bind_socket("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+def test_exposure_and_api_key_rules():
+    from dspark.serve.app import check_api_key
+    from dspark.serve.runner import check_exposure, is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.com"))
+    check_exposure("127.0.0.1", None, False)
+    check_exposure("0.0.0.0", "k", False)
+    check_exposure("0.0.0.0", None, True)
+    with pytest.raises(DsparkError, match="--allow-no-key"):
+        check_exposure("::", None, False)
+    for key in ("s3cret", "sk-A_b.c~d/e+f="):
+        check_api_key(key)
+    for key, needle in [("", "must not be empty"), ("  ", "must not be empty"), ("k ", "trailing whitespace"),
+                        ("\tk", "leading or trailing"), ("a b", "character 2 of 3"), ("clé", "character 3 of 3")]:
+        with pytest.raises(DsparkError, match=needle):
+            check_api_key(key)

@@ -250,3 +250,79 @@ def test_real_decoder_batch_equals_one_by_one(runtime):
     out = _drain(sink)
     assert [out[k][-1][1].token_ids for k in range(4)] == alone
     assert sched.batches == 1
+
+
+def test_any_failure_answers_the_jobs_it_concerns():
+    """An exception anywhere in the scheduler fails the request(s) it concerns with an error event;
+    before, one raised while admitting a job (a seed torch refuses) left its client waiting forever."""
+    dec = ScriptedDecoder({1: [[1], [2]], 3: [[3], [4]], 5: [[5]]})
+    real_add = ScriptedSession.add
+
+    def add(self, prompts, configs, constraints=None, policies=None, row_ids=None):
+        if prompts[0][0] == 3:
+            raise ValueError("Overflow when unpacking long")
+        return real_add(self, prompts, configs, constraints, policies, row_ids)
+
+    sched, metrics = _scheduler(dec)
+    sink = queue.Queue()
+    ScriptedSession.add = add
+    try:
+        sched.run_batch([_job([1], sink), _job([3], sink), _job([5], sink)])
+    finally:
+        ScriptedSession.add = real_add
+    out = _drain(sink)
+    assert out[3] == [("error", 500, "server_error", "admitting the request failed: ValueError: Overflow when "
+                                                        "unpacking long")]
+    assert out[1][-1][0] == "done" and out[5][-1][0] == "done"  # the others were decoded
+    assert metrics.aborted.total() == 1
+
+    # the decoder cannot even open a session: every job of the batch is told
+    class Broken(ScriptedDecoder):
+        def session(self):
+            raise RuntimeError("CUDA error: out of memory")
+
+    sched, metrics = _scheduler(Broken({}))
+    sched.run_batch([_job([1], sink), _job([3], sink)])
+    out = _drain(sink)
+    assert [out[k][-1][:2] for k in (1, 3)] == [("error", 500)] * 2 and "out of memory" in out[1][-1][3]
+
+    # turning one row's tokens into text fails: that row fails, the other finishes
+    class Picky(ByteTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            if 4 in ids:
+                raise KeyError(4)
+            return super().decode(ids, skip_special_tokens)
+
+    dec = ScriptedDecoder({1: [[1], [2]], 3: [[3], [4]]})
+    sched = Scheduler(dec, Picky(), policy="auto", metrics=ServerMetrics("auto"))
+    sched.run_batch([_job([1], sink), _job([3], sink)])
+    out = _drain(sink)
+    assert out[3][-1][:2] == ("error", 500) and out[1][-1][0] == "done"
+    assert sum(1 for k in out for item in out[k] if item[0] in ("done", "error")) == 2  # one final event each
+
+
+def test_stop_fails_waiting_and_running_jobs_with_503():
+    """At shutdown the running batch is failed after its current step, not decoded to its end."""
+    dec = ScriptedDecoder({1: [[1]] * 50, 3: [[3]] * 50})
+    sched, metrics = _scheduler(dec)
+    sink = queue.Queue()
+    running, waiting = _job([1], sink), _job([3], sink, temperature=0.5)  # another key: it waits
+    real_step = ScriptedSession.step
+
+    def step(self):
+        if dec.steps == 2:
+            threading.Thread(target=sched.stop).start()  # the HTTP side's shutdown, from another thread
+            while not sched._stopping:
+                threading.Event().wait(0.01)
+        return real_step(self)
+
+    sched.submit([waiting])
+    ScriptedSession.step = step
+    try:
+        sched.run_batch([running])
+    finally:
+        ScriptedSession.step = real_step
+    out = _drain(sink)
+    assert out[1][-1] == ("error", 503, "server_error", "the server is shutting down") and dec.steps < 10
+    assert out[3] == [("error", 503, "server_error", "the server is shutting down")]
+    assert metrics.aborted.total() == 2

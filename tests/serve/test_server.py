@@ -212,3 +212,189 @@ def test_metrics_scrape(client, server):
     assert n >= 1 and values['dspark_request_latency_seconds_bucket{le="+Inf"}'] == n
     assert "# TYPE dspark_time_to_first_token_seconds histogram" in lines
     assert "# TYPE dspark_batch_size histogram" in lines
+
+
+# -- hardening: nothing hangs, blocks the event loop, or answers 500 -------------------------------------------
+
+
+def _post(server, path: str, body: bytes | dict, timeout: float = 60) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.base_url + path, content=raw, headers={"content-type": "application/json"},
+                      timeout=timeout)
+
+
+def test_out_of_range_seed_is_a_400_not_a_hang(client):
+    """seed >= 2**64 made torch's manual_seed raise inside the scheduler: the request never got an answer."""
+    code, body = _status(lambda: client.with_options(timeout=60).completions.create(
+        model=MODEL, prompt="x", max_tokens=3, temperature=0.5, seed=2**64))
+    assert code == 400 and body["param"] == "seed"
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0.5, seed=2**63 - 1)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_lone_surrogates_are_400s_naming_the_field(server):
+    for path, body, param in [
+        ("/v1/completions", b'{"model": "tiny-pair", "prompt": "x\\ud800"}', "prompt"),
+        ("/v1/completions", b'{"model": "tiny-pair\\ud800", "prompt": "x"}', "model"),
+        ("/v1/chat/completions", b'{"model": "tiny-pair", "messages": [{"role": "user", "content": "\\udfff"}]}',
+         "messages.0.content"),
+    ]:
+        r = _post(server, path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_body_size_is_capped_before_the_body_is_read(runtime):
+    """A Content-Length over the limit is refused at once (nothing read); a chunked body when it gets
+    there. Before, any size was read and parsed on the event loop."""
+    import socket
+
+    from dspark.serve.app import create_app
+    from dspark.serve.runner import start_in_thread
+
+    small = start_in_thread(create_app(runtime, max_body_bytes=1024), "127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", small.port), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000000000\r\n\r\n")
+            answer = b""
+            while b"}}" not in answer:  # the whole JSON error body, sent without reading the request's
+                chunk = s.recv(4096)
+                assert chunk, answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+
+        def chunks():
+            yield b'{"model": "tiny-pair", "prompt": "'
+            for _ in range(8):
+                yield b"x" * 200
+            yield b'"}'
+
+        r = httpx.post(small.base_url + "/v1/completions", content=chunks(), timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        ok = httpx.post(small.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                        timeout=60)
+        assert ok.status_code == 200
+    finally:
+        small.stop()
+
+
+def test_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkeypatch):
+    """An 8 MB prompt was tokenized on the event loop (31 s with every client frozen): a prompt with
+    more characters than the context's tokens can cover is refused without tokenizing it."""
+    import dspark.serve.text as text
+
+    def must_not_tokenize(*_a, **_k):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(text, "encode_prompt", must_not_tokenize)
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": "x" * 2_000_000})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert "2000000 characters, so at least" in err["message"]
+
+
+@pytest.mark.parametrize("stage", ["tokenize", "compile"])
+def test_event_loop_answers_while_a_request_is_tokenized_or_its_grammar_compiled(server, monkeypatch, stage):
+    """Tokenization and grammar compilation run in the threadpool: /health answers while they work
+    (here: while they are held until /health has answered; on the event loop this deadlocked)."""
+    from dspark.serve.runtime import ServeRuntime
+    from dspark.serve.text import PromptEncoder
+
+    entered, release = threading.Event(), threading.Event()
+    target, name = (PromptEncoder, "completion") if stage == "tokenize" else (ServeRuntime, "make_constraint")
+    real = getattr(target, name)
+
+    def held(self, *args):
+        entered.set()
+        release.wait(60)
+        return real(self, *args)
+
+    monkeypatch.setattr(target, name, held)
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 2, "temperature": 0}
+    if stage == "compile":
+        body["response_format"] = {"type": "json_object"}
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=_post(server, "/v1/completions", body)))
+    t.start()
+    try:
+        assert entered.wait(60)
+        health = httpx.get(server.base_url + "/health", timeout=10)
+    finally:
+        release.set()
+        t.join(60)
+    assert health.status_code == 200 and result["r"].status_code == 200
+
+
+def test_constraints_that_cannot_be_satisfied(client):
+    """A remote $ref was dropped silently; a constraint that allows nothing first is refused; one that
+    dead-ends mid-way finishes as "dead_end", never as "stop"."""
+    def fmt(schema):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+    code, body = _status(lambda: client.completions.create(
+        model=MODEL, prompt="x", max_tokens=5, extra_body=fmt({"$ref": "https://example.com/s.json"})))
+    assert code == 400 and body["param"] == "response_format" and "only local references" in body["message"]
+    dead = fmt({"type": "string", "pattern": "a[^\\s\\S]"})  # after '"a' no character can follow
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=20, temperature=0, extra_body=dead)
+    assert r.choices[0].finish_reason == "dead_end" and r.choices[0].text == '"a'
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=20, temperature=0, stream=True,
+                                            extra_body=dead))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["dead_end"]
+
+
+def _counter(server, name: str) -> float:
+    lines = httpx.get(server.base_url + "/metrics", timeout=30).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def test_non_streaming_request_of_a_client_that_left_is_cancelled(server):
+    """It decoded on to max_tokens (and counted as finished) after its client had gone."""
+    sched = server.app.state.scheduler
+    before = _counter(server, 'dspark_requests_aborted_total{cause="client_gone"}')
+    finished = _counter(server, "dspark_requests_total")
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.base_url) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            # the client gives up while the request is running (the timeout only ends the wait)
+            c.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    for _ in range(600):
+        if _counter(server, 'dspark_requests_aborted_total{cause="client_gone"}') > before and sched.running() == 0:
+            break
+        threading.Event().wait(0.1)
+    assert _counter(server, 'dspark_requests_aborted_total{cause="client_gone"}') == before + 1
+    assert _counter(server, "dspark_requests_total") == finished  # it never ran to its end
+
+
+def test_shutdown_ends_requests_in_flight_with_openai_errors(runtime):
+    """At shutdown (SIGTERM) running requests got a cut connection or a plain-text 500 once uvicorn's
+    graceful timeout cancelled them: now a 503 error body, and a stream's last event is an error."""
+    from dspark.serve.app import create_app
+    from dspark.serve.runner import start_in_thread
+
+    srv = start_in_thread(create_app(runtime), "127.0.0.1", 0)
+    sched = srv.server.config.app.state.scheduler
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    plain: dict = {}
+    t = threading.Thread(target=lambda: plain.update(r=httpx.post(srv.base_url + "/v1/completions", json=body,
+                                                                  timeout=120)))
+    events: list[str] = []
+    try:
+        with httpx.stream("POST", srv.base_url + "/v1/completions", json={**body, "stream": True}, timeout=120) as s:
+            lines = s.iter_lines()
+            events.append(next(lines))  # the stream is running
+            t.start()
+            for _ in range(600):
+                if sched.running() == 2:
+                    break
+                threading.Event().wait(0.05)
+            assert sched.running() == 2
+            threading.Thread(target=srv.stop).start()
+            events.extend(line for line in lines if line)
+        t.join(120)
+    finally:
+        srv.stop()
+    r = plain["r"]
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert "shutting down" in r.json()["error"]["message"]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][len("data: "):])["error"]["type"] == "server_error"
