@@ -20,8 +20,9 @@ sgl-project/sglang commit 001067ff): `--speculative-algorithm STANDALONE
 --speculative-num-draft-tokens K+1` (a chain of K drafts plus the verified root token). Those server
 arguments have no heterogeneous-vocabulary option, so a draft with its own tokenizer gets no
 sglang.sh.
-Neither engine loads optimum-quanto checkpoints (vLLM's quantization methods and SGLang's
-quantization choices include bitsandbytes and GPTQ, not quanto): such a bundle gets neither file.
+Neither engine loads optimum-quanto checkpoints (vLLM's `QuantizationMethods`,
+vllm/model_executor/layers/quantization/__init__.py, and SGLang's QUANTIZATION_CHOICES in the
+server_args.py above include bitsandbytes and GPTQ, not quanto): such a bundle gets neither file.
 Both engines draft a fixed K per step, so they get the measured best K (or the static K, or a
 default); dspark's own server uses the adaptive policy.
 """

@@ -270,7 +270,7 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
         # draft/ stays exactly a model folder an engine loads: the head goes to its own folder
         _, n = copy_model_files(d_dir, tmp / DRAFT_DIR, exclude=HEAD_FILES)
         notes += n
-        check_engine_folder(tmp / DRAFT_DIR, f"draft {d_name!r}")
+        check_engine_folder(tmp / DRAFT_DIR, f"draft folder {str(d_dir)!r}")
         if has_head:
             (tmp / HEAD_DIR).mkdir()
             for fn in HEAD_FILES:

@@ -189,7 +189,7 @@ def check_bundle(bundle: Path, manifest: BundleManifest, *, full_hash: bool = Tr
     log("checking weight names")
     keys = {"draft": check_weight_keys(bundle / DRAFT_DIR, "draft").to_dict()}
     if manifest.schema_version >= 2:
-        check_engine_folder(bundle / DRAFT_DIR, "the bundle's draft")
+        check_engine_folder(bundle / DRAFT_DIR, f"the bundle's draft folder {str(bundle / DRAFT_DIR)!r}")
     check_draft_weights(bundle, manifest)
     identity = check_target_identity(bundle, manifest, full_hash)
     keys["target"] = check_weight_keys(Path(identity["folder"]), "target").to_dict()

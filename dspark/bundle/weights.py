@@ -97,11 +97,12 @@ def engine_weight_files(folder: Path) -> list[Path]:
 
 def check_engine_folder(folder: Path, what: str) -> None:
     """DsparkError naming the safetensors files an engine would load from `folder` besides the
-    model's own weights (`model_weight_files`): it would read their tensors as weights and fail."""
+    model's own weights (`model_weight_files`): it would read their tensors as weights and fail.
+    `what` names the folder in the message."""
     own = set(model_weight_files(folder))
     extra = [p.name for p in engine_weight_files(folder) if p not in own]
     if extra:
-        raise DsparkError(f"{what} folder {str(folder)!r} holds {', '.join(clip(e) for e in extra[:SHOWN_KEYS])} "
+        raise DsparkError(f"{what} holds {', '.join(clip(e) for e in extra[:SHOWN_KEYS])} "
                           f"besides its weights ({', '.join(sorted(p.name for p in own))}): vLLM and SGLang load "
                           "every *.safetensors of a model folder that has no index, so only the model's weights "
                           "may be there")
