@@ -3,10 +3,26 @@ the manifest: text in, text out.
 
 vLLM (docs "Draft Models"): `speculative_config = {"method": "draft_model", "model": DRAFT,
 "num_speculative_tokens": K}`, passed as `LLM(model=TARGET, speculative_config=...)` or
-`vllm serve TARGET --speculative-config '<json>'`.
-SGLang (docs "Standalone Speculative Decoding"): `--speculative-algorithm STANDALONE
+`vllm serve TARGET --speculative-config '<json>'`. Field names as in vllm/config/speculative.py
+(`SpeculativeConfig`, read at vllm-project/vllm commit 002e77c1; tests/bundle/test_engines.py keeps
+the list). A draft with its own tokenizer gets `use_heterogeneous_vocab: true` (vLLM's token-level
+intersection; it requires method "draft_model" and greedy draft sampling). What else vLLM accepts
+and dspark could fill:
+- `num_speculative_tokens_per_batch_size` ([[bs_lo, bs_hi, K], ...], accepted for every method by
+  that SpeculativeConfig; vLLM's docs list it as tested with EAGLE, EAGLE-3 and DFlash): dspark
+  measures K at batch size 1 only (`dspark select`), so it is not written; the card says so.
+- `draft_tensor_parallel_size`: vLLM's `draft_model` proposer refuses a draft TP other than the
+  target's (vllm/v1/spec_decode/draft_model.py `_raise_if_draft_tp_mismatch`), which is the default,
+  so it is not written.
+SGLang (docs "Standalone Speculative Decoding"; flags checked in python/sglang/srt/server_args.py at
+sgl-project/sglang commit 001067ff): `--speculative-algorithm STANDALONE
 --speculative-draft-model-path DRAFT --speculative-num-steps K --speculative-eagle-topk 1
---speculative-num-draft-tokens K+1` (a chain of K drafts plus the verified root token).
+--speculative-num-draft-tokens K+1` (a chain of K drafts plus the verified root token). Those server
+arguments have no heterogeneous-vocabulary option, so a draft with its own tokenizer gets no
+sglang.sh.
+Neither engine loads optimum-quanto checkpoints (vLLM's `QuantizationMethods`,
+vllm/model_executor/layers/quantization/__init__.py, and SGLang's QUANTIZATION_CHOICES in the
+server_args.py above include bitsandbytes and GPTQ, not quanto): such a bundle gets neither file.
 Both engines draft a fixed K per step, so they get the measured best K (or the static K, or a
 default); dspark's own server uses the adaptive policy.
 """
@@ -31,16 +47,36 @@ def engine_target(target: "TargetRef", relative_to_bundle: bool = True) -> str:
     return target.resolves_to
 
 
+# checkpoint formats (dspark.quantize.backends.quantization_of) that neither vLLM nor SGLang loads
+ENGINE_UNLOADABLE_FORMATS = ("quanto",)
+
+
+def _cross(m: "BundleManifest") -> bool:
+    return m.draft.tokenizer == "different"
+
+
+def engine_refusals(m: "BundleManifest") -> dict[str, str]:
+    """Engine file name -> why the bundle has none (no entry: the file is written)."""
+    if m.draft.quantization_format in ENGINE_UNLOADABLE_FORMATS:
+        why = (f"the draft is quantized with optimum-quanto ({m.draft.quantization}), which neither vLLM nor "
+               "SGLang loads (both load bitsandbytes and GPTQ drafts)")
+        return {VLLM_FILE: why, SGLANG_FILE: why}
+    if _cross(m):
+        return {SGLANG_FILE: "SGLang's draft models must share the target's vocabulary (its server arguments "
+                             "have no heterogeneous-vocabulary option)"}
+    return {}
+
+
 def vllm_config(m: "BundleManifest") -> dict:
     """vLLM arguments: `LLM(**json.load(open("vllm.json")))` from inside the bundle folder."""
-    return {
-        "model": engine_target(m.target),
-        "speculative_config": {
-            "method": "draft_model",
-            "model": f"./{DRAFT_DIR}",
-            "num_speculative_tokens": m.policy.num_speculative_tokens,
-        },
+    spec = {
+        "method": "draft_model",
+        "model": f"./{DRAFT_DIR}",
+        "num_speculative_tokens": m.policy.num_speculative_tokens,
     }
+    if _cross(m):
+        spec["use_heterogeneous_vocab"] = True
+    return {"model": engine_target(m.target), "speculative_config": spec}
 
 
 def vllm_serve_command(m: "BundleManifest") -> str:
@@ -73,6 +109,30 @@ def sglang_script(m: "BundleManifest") -> str:
     ])
 
 
+def engine_lines(m: "BundleManifest") -> list[str]:
+    """The card's vLLM / SGLang section: how to launch each, or why this bundle has no file for it."""
+    refused = engine_refusals(m)
+    out: list[str] = []
+    if VLLM_FILE in refused:
+        out += [f"vLLM: no `{VLLM_FILE}`: {refused[VLLM_FILE]}.", ""]
+    else:
+        out += [f"vLLM, from inside this folder (`{VLLM_FILE}` holds the arguments):", "", "```bash",
+                vllm_serve_command(m), "```", ""]
+        if _cross(m):
+            out += ["`use_heterogeneous_vocab: true` makes vLLM draft through the intersection of the two "
+                    "vocabularies (its token-level intersection algorithm; needs a vLLM whose "
+                    "`SpeculativeConfig` has this field). It supports greedy draft sampling only: leave "
+                    "`draft_sample_method` at its default \"greedy\". It is vLLM's algorithm, not dspark's "
+                    "cross-tokenizer decoding: the numbers above do not carry over.", ""]
+        out += ["vLLM's `draft_model` method runs the draft at the target's tensor-parallel size (it refuses "
+                "another), so `draft_tensor_parallel_size` is left unset.", ""]
+    if SGLANG_FILE in refused:
+        out.append(f"SGLang: no `{SGLANG_FILE}`: {refused[SGLANG_FILE]}.")
+    else:
+        out.append(f"SGLang: `./{SGLANG_FILE}` (STANDALONE speculative decoding with this draft).")
+    return out
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -84,27 +144,16 @@ def _fmt(v) -> str:
 def model_card(m: "BundleManifest") -> str:
     """README.md: what the pair is, the numbers, and how to serve it three ways."""
     t, d, p = m.target, m.draft, m.policy
-    cross = d.tokenizer == "different"
+    cross = _cross(m)
+    head = (f"yes (in `{m.head_dir}/`, read by dspark's `learned` draft length; engines do not use it)"
+            if m.head_dir else "no")
     if cross:
         tok_line = (f"Target tokenizer sha256: `{t.tokenizer_sha256}`; the draft has its own tokenizer (in "
                     f"`{DRAFT_DIR}/`, sha256 `{d.tokenizer_sha256}`): dspark decodes the pair cross-tokenizer "
                     "(greedy through text re-tokenization, sampling through the shared-token intersection). "
-                    f"Acceptance head: {'yes' if d.acceptance_head else 'no'}.")
+                    f"Acceptance head: {head}.")
     else:
-        tok_line = (f"Tokenizer sha256 (shared): `{t.tokenizer_sha256}`. Acceptance head: "
-                    f"{'yes' if d.acceptance_head else 'no'}.")
-    engines = [
-        f"vLLM, from inside this folder (`{VLLM_FILE}` holds the arguments):",
-        "",
-        "```bash",
-        vllm_serve_command(m),
-        "```",
-        "",
-        f"SGLang: `./{SGLANG_FILE}` (STANDALONE speculative decoding with this draft).",
-    ] if not cross else [
-        "vLLM and SGLang: not applicable (their draft models must share the target's vocabulary), so this "
-        f"bundle has no `{VLLM_FILE}` / `{SGLANG_FILE}`.",
-    ]
+        tok_line = f"Tokenizer sha256 (shared): `{t.tokenizer_sha256}`. Acceptance head: {head}."
     lines = [
         f"# {m.name}: a speculative-decoding draft for {t.name}",
         "",
@@ -128,8 +177,9 @@ def model_card(m: "BundleManifest") -> str:
         "",
         f"- dspark draft length: `{p.draft_length}` ({p.kind}"
         f"{''.join(f', {k}={_fmt(v)}' for k, v in p.params.items())})",
-        f"- fixed K for vLLM / SGLang: {p.num_speculative_tokens} ({p.num_speculative_tokens_source})"
-        + (" (not used: cross-tokenizer pair)" if cross else ""),
+        f"- fixed K for vLLM / SGLang: {p.num_speculative_tokens} ({p.num_speculative_tokens_source}). "
+        "`dspark select` measures K at batch size 1 only, not per batch size, so vLLM's batch-size table "
+        "`num_speculative_tokens_per_batch_size` is not set.",
         "",
         "## Measured",
         "",
@@ -156,7 +206,7 @@ def model_card(m: "BundleManifest") -> str:
         "dspark serve-bundle . --port 8000",
         "```",
         "",
-        *engines,
+        *engine_lines(m),
         "",
         "## Versions",
         "",

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 from dspark.bundle import engines
-from dspark.bundle.manifest import (DRAFT_DIR, MANIFEST_NAME, README_FILE, SCHEMA_VERSION, SGLANG_FILE,
+from dspark.bundle.manifest import (DRAFT_DIR, HEAD_DIR, MANIFEST_NAME, README_FILE, SCHEMA_VERSION, SGLANG_FILE,
                                     TARGET_DIR, VLLM_FILE, BundleManifest, DecodingPolicy, DraftInfo, FileEntry,
                                     Metrics, SelectionRef, SelectionSpec, TargetRef, load_selection,
                                     resolve_selection_path)
-from dspark.bundle.weights import check_weight_keys, model_weight_files, stored_tensors
+from dspark.bundle.weights import check_engine_folder, check_weight_keys, model_weight_files, stored_tensors
 from dspark.errors import DsparkError
 from dspark.io import atomic_write_json, atomic_write_text, atomic_write_yaml, sha256_file, replace_dir
 
@@ -124,26 +124,27 @@ def _locate(name: str, what: str) -> "object":
     """resolve_model + 'is it here with safetensors weights', as one line when it is not."""
     from dspark.models import resolve_model
     from dspark.models.loading import not_available_error
-    from dspark.models.registry import has_safetensors_weights
 
     r = resolve_model(name)
     if r.local_path is None:
         raise not_available_error(r)
     if not (r.local_path / "config.json").is_file():
         raise DsparkError(f"{what} {name!r} ({r.local_path}) has no config.json: not a Hugging Face model folder")
-    if not has_safetensors_weights(r.local_path):
+    # the files the model loads from, so a quantizer's own file (quanto.safetensors) counts too
+    if not model_weight_files(r.local_path):
         raise DsparkError(f"{what} {name!r} ({r.local_path}) has no safetensors weights (dspark bundles "
                           "safetensors only; convert pickle .bin weights with save_pretrained(safe_serialization=True))")
     return r
 
 
-def copy_model_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
+def copy_model_files(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """Copy a model folder's top-level files (symlinks followed, as in a hub snapshot), except
-    pickled weights and hidden files. Returns (copied names, notes about what was left out)."""
+    pickled weights, hidden files and the names in `exclude` (copied elsewhere by the caller).
+    Returns (copied names, notes about what was left out)."""
     dst.mkdir(parents=True, exist_ok=False)
     copied, notes = [], []
     for p in sorted(src.iterdir()):
-        if p.name.startswith("."):
+        if p.name.startswith(".") or p.name in exclude:
             continue
         if p.is_dir():
             notes.append(f"left out folder {p.name}/ of {src}")
@@ -215,9 +216,11 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
         raise DsparkError(f"--out {str(out)!r} already exists: pass --force to replace it, or another folder")
     bundle_name = _check_name(name or (spec.name if spec and spec.name else default_bundle_name(t_name, d_name)))
 
-    from dspark.decode.acceptance_head import has_acceptance_head
+    from dspark.decode.acceptance_head import HEAD_FILES, has_acceptance_head
     from dspark.distill.collect import safetensors_hash
     from dspark.models import check_tokenizers, load_tokenizer, tokenizer_hash
+    from dspark.quantize.backends import quantization_of
+    from dspark.quantize.loading import draft_tokenizer
 
     rt = _locate(t_name, "target")
     rd = _locate(d_name, "draft")
@@ -227,7 +230,7 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
     t_cfg, d_cfg = _read_config(t_dir, "target"), _read_config(d_dir, "draft")
 
     log(f"checking tokenizers of {t_name} and {d_name}")
-    t_tok, d_tok = load_tokenizer(t_name), load_tokenizer(str(d_dir))
+    t_tok, d_tok = load_tokenizer(t_name), draft_tokenizer(str(d_dir))  # a quantized draft's folder too
     compat = check_tokenizers(t_tok, d_tok, _vocab_size(t_cfg), _vocab_size(d_cfg))
     if not compat.compatible:
         from dspark.decode.tokenmap import tokenizer_kind
@@ -238,7 +241,12 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
 
     log(f"checking weight names of {d_name}")
     d_keys = check_weight_keys(d_dir, f"draft {d_name!r}")
-    has_head = has_acceptance_head(d_dir)
+    notes: list[str] = []
+    # an acceptance head predicts same-tokenizer acceptance: a cross-tokenizer pair does not use it
+    has_head = has_acceptance_head(d_dir) and compat.compatible
+    if has_acceptance_head(d_dir) and not has_head:
+        notes.append("left out the draft's acceptance head: it predicts same-tokenizer acceptance, and this "
+                     "pair is decoded cross-tokenizer")
     metrics = spec.metrics if spec else Metrics()
     policy = policy_from_draft_length(dl, metrics, has_head)
 
@@ -259,12 +267,17 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    notes: list[str] = []
     try:
         tmp.mkdir()
         log(f"copying the draft from {d_dir}")
-        _, n = copy_model_files(d_dir, tmp / DRAFT_DIR)
+        # draft/ stays exactly a model folder an engine loads: the head goes to its own folder
+        _, n = copy_model_files(d_dir, tmp / DRAFT_DIR, exclude=HEAD_FILES)
         notes += n
+        check_engine_folder(tmp / DRAFT_DIR, f"draft folder {str(d_dir)!r}")
+        if has_head:
+            (tmp / HEAD_DIR).mkdir()
+            for fn in HEAD_FILES:
+                shutil.copyfile(d_dir / fn, tmp / HEAD_DIR / fn)
         if include_target:
             log(f"copying the target from {t_dir} ({included_bytes / 1024 ** 2:.1f} MiB of weights)")
             _, n = copy_model_files(t_dir, tmp / TARGET_DIR)
@@ -283,7 +296,7 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
             vocab_size=_vocab_size(d_cfg), context_length=d_cfg.get("max_position_embeddings"),
             tokenizer_sha256=tokenizer_hash(d_tok), weight_sha256=safetensors_hash(tmp / DRAFT_DIR),
             weight_files=[f.name for f in d_files], acceptance_head=has_head, quantization=quant,
-            tokenizer=compat.mode.value)
+            quantization_format=quantization_of(d_dir), tokenizer=compat.mode.value)
         sel_ref = None
         if spec is not None and sel_path is not None:
             shutil.copyfile(sel_path, tmp / SELECTION_COPY)
@@ -294,12 +307,12 @@ def export_bundle(out: str | os.PathLike, *, target: str | None = None, draft: s
             created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             target=target_ref, draft=draft_info, policy=policy, metrics=metrics, selection=sel_ref,
             versions=library_versions(), files={})
-        if compat.compatible:  # vLLM's and SGLang's draft-model speculation needs one shared vocabulary
+        refused = engines.engine_refusals(manifest)
+        if VLLM_FILE not in refused:
             atomic_write_json(tmp / VLLM_FILE, engines.vllm_config(manifest))
+        if SGLANG_FILE not in refused:
             atomic_write_text(tmp / SGLANG_FILE, engines.sglang_script(manifest))
-        else:
-            notes.append("no vllm.json / sglang.sh: vLLM and SGLang draft models must share the target's "
-                         "vocabulary; serve this cross-tokenizer pair with `dspark serve-bundle`")
+        notes += [f"no {name}: {why}" for name, why in refused.items()]
         atomic_write_text(tmp / README_FILE, engines.model_card(manifest))
         _make_shareable(tmp)
         log("hashing the bundle's files")

@@ -3,12 +3,18 @@
 A bundle is a folder:
 
     BUNDLE/dspark-bundle.yaml   this manifest (the only file not listed in `files`)
-    BUNDLE/draft/               the draft: config, safetensors weights, tokenizer, acceptance_head.* if any
+    BUNDLE/draft/               the draft, exactly a model folder an engine loads: config, safetensors
+                                weights, tokenizer (vLLM and SGLang load every top-level *.safetensors of
+                                a model folder without an index, so nothing else with that suffix)
+    BUNDLE/acceptance_head/     acceptance_head.json + .safetensors, when the draft has one (schema 1
+                                bundles kept them inside draft/: still read from there)
     BUNDLE/target/              only with --include-target: a copy of a small local target
-    BUNDLE/vllm.json            vLLM engine arguments (speculative_config with method "draft_model")
-    BUNDLE/sglang.sh            SGLang launch command (--speculative-algorithm STANDALONE)
-                                (both only when the draft shares the target's vocabulary: a draft with its
-                                own tokenizer, `draft.tokenizer: different`, is served by dspark alone)
+    BUNDLE/vllm.json            vLLM engine arguments (speculative_config with method "draft_model";
+                                `use_heterogeneous_vocab` for a draft with its own tokenizer)
+    BUNDLE/sglang.sh            SGLang launch command (--speculative-algorithm STANDALONE), only when
+                                the draft shares the target's vocabulary
+                                (neither engine file for a draft quantized with optimum-quanto, which
+                                neither engine loads)
     BUNDLE/README.md            model card with the measured numbers
 
 `files` maps every other file's bundle-relative POSIX path to its sha256 and size, so a missing, extra
@@ -28,8 +34,11 @@ from dspark.config.base import StrictModel, clip, read_yaml
 from dspark.errors import DsparkError
 
 MANIFEST_NAME = "dspark-bundle.yaml"
-SCHEMA_VERSION = 1
+# 2: the acceptance head moved out of draft/ into acceptance_head/ (1 is still read)
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 DRAFT_DIR = "draft"
+HEAD_DIR = "acceptance_head"
 TARGET_DIR = "target"
 VLLM_FILE = "vllm.json"
 SGLANG_FILE = "sglang.sh"
@@ -127,6 +136,9 @@ class DraftInfo(BundleModel):
     weight_files: list[str]
     acceptance_head: bool = False
     quantization: str = "none"
+    # the checkpoint's own format (dspark.quantize.backends.quantization_of: "quanto", "bitsandbytes",
+    # "gptq", "torchao", ...; None: not quantized): which engines can load the draft depends on it
+    quantization_format: str | None = None
     # dspark.models.compat mode of (target, draft): "different" means the draft ships its own tokenizer
     # (in draft/) and is decoded cross-tokenizer (dspark.decode.cross)
     tokenizer: Literal["same", "same-padded", "different"] = "same"
@@ -170,9 +182,19 @@ class BundleManifest(BundleModel):
     @field_validator("schema_version")
     @classmethod
     def _supported(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema_version {v} (this dspark reads {SCHEMA_VERSION})")
+        if v not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"unsupported schema_version {v} (this dspark reads "
+                             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
         return v
+
+    @property
+    def head_dir(self) -> str | None:
+        """The bundle folder holding the acceptance head: acceptance_head/, or draft/ in a schema 1
+        bundle (migrated on read: the head is loaded from where that bundle hashed it); None without
+        a head."""
+        if not self.draft.acceptance_head:
+            return None
+        return DRAFT_DIR if self.schema_version == 1 else HEAD_DIR
 
     @field_validator("files")
     @classmethod

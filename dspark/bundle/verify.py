@@ -9,7 +9,8 @@ Checks, in order (the first failure raises DsparkError naming the file, key or t
 3. weight names: the draft's (and the target's) safetensors hold exactly the tensors of the model
    built from its config.json, and the weight files an index or config names are inside the model
    folder (dspark.bundle.weights); the draft's weights match the manifest's `draft.weight_sha256`
-   and `draft.weight_files`;
+   and `draft.weight_files`; draft/ holds no other safetensors an engine would load (schema 2: the
+   acceptance head is in acceptance_head/; a schema 1 bundle's head inside draft/ is read from there);
 4. target identity: the target found here has the recorded revision / weight hash, and both
    tokenizers have the recorded fingerprints;
 5. decode: one prompt decoded greedily by the pair (dspark's speculative decoder, the bundle's
@@ -17,7 +18,8 @@ Checks, in order (the first failure raises DsparkError naming the file, key or t
    target alone, token for token.
 
 `open_bundle` (checks 1-4, then the load) is the one way dspark loads a bundle: `verify-bundle` adds
-check 5, `serve-bundle` serves what it returns.
+check 5, `serve-bundle` serves what it returns (`OpenBundle.decoder` builds the decoder both use,
+with the acceptance head from where the manifest puts it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dspark.bundle.manifest import DRAFT_DIR, MANIFEST_NAME, TARGET_DIR, BundleManifest, read_manifest
-from dspark.bundle.weights import check_weight_keys, model_weight_files
+from dspark.bundle.weights import check_engine_folder, check_weight_keys, model_weight_files
 from dspark.config.base import clip
 from dspark.errors import DsparkError
 from dspark.io import sha256_file
@@ -186,6 +188,8 @@ def check_bundle(bundle: Path, manifest: BundleManifest, *, full_hash: bool = Tr
     n_files = check_files(bundle, manifest)
     log("checking weight names")
     keys = {"draft": check_weight_keys(bundle / DRAFT_DIR, "draft").to_dict()}
+    if manifest.schema_version >= 2:
+        check_engine_folder(bundle / DRAFT_DIR, f"the bundle's draft folder {str(bundle / DRAFT_DIR)!r}")
     check_draft_weights(bundle, manifest)
     identity = check_target_identity(bundle, manifest, full_hash)
     keys["target"] = check_weight_keys(Path(identity["folder"]), "target").to_dict()
@@ -202,6 +206,22 @@ class OpenBundle:
     target: Any
     draft: Any
     checks: dict
+
+    @property
+    def head_folder(self) -> Path | None:
+        """Where the acceptance head is (`BundleManifest.head_dir`), None without one."""
+        return self.path / self.manifest.head_dir if self.manifest.head_dir else None
+
+    def decoder(self, **kwargs):
+        """The pair's decoder (`dspark.decode.make_decoder`) with the bundle's draft length and its
+        acceptance head passed explicitly: it is not next to the draft's weights (the decoder's own
+        fallback looks there), so a head left in draft/ by hand is never picked up."""
+        from dspark.decode import make_decoder
+
+        head = self.head_folder
+        return make_decoder(self.target.model, self.draft.model, self.target.tokenizer,
+                            self.manifest.policy.draft_length, draft_tokenizer=self.draft.tokenizer,
+                            acceptance_head=str(head) if head else None, **kwargs)
 
 
 def open_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", full_hash: bool = True,
@@ -253,10 +273,9 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
     opened = open_bundle(bundle, device=device, dtype=dtype, log=log)
     bundle, manifest, target, draft = opened.path, opened.manifest, opened.target, opened.draft
     identity, keys = opened.checks["identity"], opened.checks["weight_keys"]
-    from dspark.decode import GenerationConfig, make_decoder
+    from dspark.decode import GenerationConfig
 
-    decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
-                           draft_tokenizer=draft.tokenizer)
+    decoder = opened.decoder()
     ids = target.tokenizer(prompt)["input_ids"]
     if not ids:
         raise DsparkError(f"prompt {prompt!r} encodes to no tokens")
@@ -274,7 +293,7 @@ def verify_bundle(bundle: str | os.PathLike, *, device: str = "cpu", dtype: str 
         "bundle": str(bundle), "name": manifest.name, "ok": True, "files_checked": opened.checks["files_checked"],
         "target": {"name": manifest.target.name, **identity, "weight_keys": keys["target"]},
         "draft": {"name": manifest.draft.name, "weight_keys": keys["draft"],
-                  "acceptance_head": manifest.draft.acceptance_head},
+                  "acceptance_head": manifest.head_dir, "schema_version": manifest.schema_version},
         "decode": {"prompt": prompt, "tokens": result.token_ids, "text": target.tokenizer.decode(result.token_ids),
                    "equal_to_target": True, "draft_length": manifest.policy.draft_length,
                    "mode": getattr(decoder, "mode", "same-tokenizer"),

@@ -17,7 +17,8 @@ from pathlib import Path, PurePath
 from dspark.config.base import clip
 from dspark.errors import DsparkError
 
-# The acceptance head lives next to the weights but is not part of the model.
+# The acceptance head lives next to the weights in a distilled draft's folder (and in schema 1 bundles'
+# draft/) but is not part of the model.
 NON_MODEL_SAFETENSORS = ("acceptance_head.safetensors",)
 SHOWN_KEYS = 6
 
@@ -79,6 +80,32 @@ def model_weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         return _index_shards(index)
     return sorted(p for p in folder.glob("*.safetensors") if p.name not in NON_MODEL_SAFETENSORS)
+
+
+def engine_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files vLLM's default loader reads from a local model folder: every top-level
+    *.safetensors, or only those the weight_map of model.safetensors.index.json names when there is
+    one (vllm/model_executor/model_loader/default_loader.py `_prepare_weights`: a glob, then
+    `filter_duplicate_safetensors_files`; SGLang's loader has the same two steps)."""
+    found = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        named = set(_index_shards(index))
+        found = [p for p in found if p in named]
+    return found
+
+
+def check_engine_folder(folder: Path, what: str) -> None:
+    """DsparkError naming the safetensors files an engine would load from `folder` besides the
+    model's own weights (`model_weight_files`): it would read their tensors as weights and fail.
+    `what` names the folder in the message."""
+    own = set(model_weight_files(folder))
+    extra = [p.name for p in engine_weight_files(folder) if p not in own]
+    if extra:
+        raise DsparkError(f"{what} holds {', '.join(clip(e) for e in extra[:SHOWN_KEYS])} "
+                          f"besides its weights ({', '.join(sorted(p.name for p in own))}): vLLM and SGLang load "
+                          "every *.safetensors of a model folder that has no index, so only the model's weights "
+                          "may be there")
 
 
 def stored_tensors(files: list[Path]) -> dict[str, tuple[int, ...]]:

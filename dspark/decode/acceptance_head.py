@@ -28,6 +28,7 @@ from dspark.errors import DsparkError
 
 HEAD_CONFIG_FILE = "acceptance_head.json"
 HEAD_WEIGHTS_FILE = "acceptance_head.safetensors"
+HEAD_FILES = (HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE)
 HEAD_FORMAT = "dspark-acceptance-head"
 HEAD_VERSION = 1
 

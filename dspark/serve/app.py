@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.errors import DsparkError
-from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics
+from dspark.serve.metrics import CONTENT_TYPE, ServerMetrics, merge_spec_decode_metrics
 from dspark.serve.protocol import ApiError, ChatRequest, CompletionRequest, clip, error_body, parse_request
 from dspark.serve.runner import DEFAULT_MAX_BODY_MB
 from dspark.serve.runtime import ServeRuntime
@@ -148,7 +148,8 @@ def merge_speculative(specs: list[dict]) -> dict:
             "mean_accepted_tokens": (sum(s["mean_accepted_tokens"] * s["verify_steps"] for s in specs) / steps
                                      if steps else 0.0),
             "verify_steps": steps, "target_forwards": total("target_forwards"),
-            "draft_forwards": total("draft_forwards"), "partial": any(s["partial"] for s in specs)}
+            "draft_forwards": total("draft_forwards"), "partial": any(s["partial"] for s in specs),
+            **merge_spec_decode_metrics(specs)}
 
 
 def _usage(outcomes: list[Outcome]) -> dict:
@@ -316,7 +317,7 @@ def create_app(runtime: ServeRuntime, *, api_key: str | None = None, max_batch_s
         raise DsparkError(f"--max-body-mb must be > 0, got {max_body_bytes / 2**20:g}")
     scheduler_box: dict[str, Scheduler] = {}
     metrics = ServerMetrics(runtime.policy, queue_depth=lambda: scheduler_box["s"].queue_depth(),
-                            running=lambda: scheduler_box["s"].running())
+                            running=lambda: scheduler_box["s"].running(), model_name=runtime.model_id)
     scheduler = Scheduler(runtime.decoder, runtime.tokenizer, policy=runtime.policy, metrics=metrics,
                           max_batch_size=max_batch_size, batch_window_s=batch_window_s)
     scheduler_box["s"] = scheduler

@@ -4,6 +4,15 @@ Counters and histograms are updated from the scheduler thread and the request ha
 instrument takes a lock. Derived gauges (acceptance rate, mean accepted tokens, draft length) are
 computed from the counters at scrape time, over every request since start-up, with the terms of
 dspark.decode.types.
+
+Alongside the `dspark_*` series the speculative counters are exposed under vLLM's names and labels
+(vllm/v1/spec_decode/metrics.py, `SpecDecodingProm`, read at vllm-project/vllm commit ee4ceaae:
+counters `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens`,
+`..._num_accepted_tokens_per_pos` with labels model_name, engine (+ position); the `_total` suffix is
+what prometheus_client appends to a counter's samples), so dashboards and benchmark tools built for
+vLLM read dspark unchanged. They are updated when a request finishes, like the `dspark_*` counters.
+The same quantities per request (`spec_decode_request_metrics`) follow vLLM's per-request acceptance
+metrics (docs/features/speculative_decoding/acceptance_metrics.md).
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ import math
 import threading
 from typing import Callable, Iterable
 
+# labels of every vLLM-named series; dspark serves one model on one engine (vLLM's engine index 0)
+VLLM_LABELS = ("model_name", "engine")
+VLLM_ENGINE = "0"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,11 +131,66 @@ class Histogram:
         yield f"{self.name}_count {n}"
 
 
+def acceptance_histogram(drafted_per_position: list[int], accepted_per_position: list[int]) -> list[int]:
+    """Verify steps that accepted exactly j drafted tokens, j = 0..P (vLLM's per-request
+    `acceptance_histogram`; the bonus token is not counted), from dspark's per-position counts
+    (dspark.decode.types.DecodeStats): drafted_per_position[j] = steps that drafted a token at position
+    j; accepted_per_position[j] = steps whose first j + 1 drafts were all accepted (verification stops
+    at the first rejection). Both [P] -> [P + 1]: h[0] = d[0] - a[0], h[j] = a[j-1] - a[j], a[P] = 0."""
+    if not drafted_per_position:
+        return [0]
+    a = list(accepted_per_position) + [0]
+    return [drafted_per_position[0] - a[0]] + [a[j - 1] - a[j] for j in range(1, len(a))]
+
+
+def _spec_decode_fields(steps: int, drafted: int, accepted: int, histogram: list[int],
+                        accepted_per_position: list[int]) -> dict:
+    """vLLM's per-request field names. Mean acceptance length counts the bonus token and only steps
+    that drafted (vLLM: 1 + accepted / steps; 1.0 when nothing was drafted)."""
+    return {"mean_acceptance_length": 1.0 + accepted / steps if steps else 1.0,
+            "draft_acceptance_rate": accepted / drafted if drafted else 0.0,
+            "acceptance_histogram": histogram, "accepted_per_position": accepted_per_position,
+            "num_spec_steps": steps, "num_draft_tokens": drafted, "num_accepted_draft_tokens": accepted}
+
+
+SPEC_DECODE_FIELDS = tuple(_spec_decode_fields(0, 0, 0, [0], []))
+
+
+def spec_decode_request_metrics(drafted_per_position: list[int], accepted_per_position: list[int]) -> dict:
+    """One request's speculative stats as vLLM reports them per request: mean_acceptance_length,
+    draft_acceptance_rate, acceptance_histogram, num_spec_steps (verify steps that drafted at least one
+    token, = its share of `vllm:spec_decode_num_drafts`), num_draft_tokens, num_accepted_draft_tokens,
+    plus accepted_per_position (its share of `vllm:spec_decode_num_accepted_tokens_per_pos`).
+    vLLM's `acceptance_histogram_by_draft_length` and `num_spec_tokens` are not given: per-position
+    counts do not say which steps drafted how many, and dspark's draft length is not one fixed K."""
+    steps = drafted_per_position[0] if drafted_per_position else 0
+    return _spec_decode_fields(steps, sum(drafted_per_position), sum(accepted_per_position),
+                               acceptance_histogram(drafted_per_position, accepted_per_position),
+                               list(accepted_per_position))
+
+
+def _add_padded(lists: list[list[int]]) -> list[int]:
+    n = max(len(x) for x in lists)
+    return [sum(x[i] for x in lists if i < len(x)) for i in range(n)]
+
+
+def merge_spec_decode_metrics(specs: list[dict]) -> dict:
+    """The vLLM-named fields over several choices of one request (counts and histograms summed,
+    ratios recomputed); every field None when one choice has none (its stats were partial)."""
+    if any(s.get("num_spec_steps") is None for s in specs):
+        return dict.fromkeys(SPEC_DECODE_FIELDS)
+    return _spec_decode_fields(sum(s["num_spec_steps"] for s in specs), sum(s["num_draft_tokens"] for s in specs),
+                               sum(s["num_accepted_draft_tokens"] for s in specs),
+                               _add_padded([s["acceptance_histogram"] for s in specs]),
+                               _add_padded([s["accepted_per_position"] for s in specs]))
+
+
 class ServerMetrics:
-    """Every instrument the server exposes. `queue_depth` / `running` are read from the scheduler."""
+    """Every instrument the server exposes. `queue_depth` / `running` are read from the scheduler;
+    `model_name` is the `model_name` label of the vLLM-named series (the served model id)."""
 
     def __init__(self, draft_length: str, queue_depth: Callable[[], int] = lambda: 0,
-                 running: Callable[[], int] = lambda: 0):
+                 running: Callable[[], int] = lambda: 0, model_name: str = ""):
         self.http_requests = Counter("dspark_http_requests_total", "HTTP requests by route and status code.",
                                      ("route", "status"))
         self.requests = Counter("dspark_requests_total", "Generation requests finished, by finish reason.",
@@ -157,6 +224,29 @@ class ServerMetrics:
             Gauge("dspark_draft_length_policy_info", "The draft-length policy in use.", lambda: 1,
                   (("policy", draft_length),)),
         ]
+        # vLLM's names and help texts (vllm/v1/spec_decode/metrics.py, SpecDecodingProm)
+        self.vllm_labels = {"model_name": model_name, "engine": VLLM_ENGINE}
+        self.vllm_drafts = Counter("vllm:spec_decode_num_drafts_total", "Number of spec decoding drafts.",
+                                   VLLM_LABELS)
+        self.vllm_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens_total", "Number of draft tokens.",
+                                         VLLM_LABELS)
+        self.vllm_accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens_total",
+                                            "Number of accepted tokens.", VLLM_LABELS)
+        self.vllm_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                                             "Accepted tokens per draft position.", VLLM_LABELS + ("position",))
+        for c in (self.vllm_drafts, self.vllm_draft_tokens, self.vllm_accepted_tokens):
+            c.inc(0, **self.vllm_labels)  # present from start-up at 0, as vLLM's are
+
+    def observe_spec_decode(self, drafted_per_position: list[int], accepted_per_position: list[int]) -> None:
+        """A finished request's speculative counts into the vLLM-named counters (a "draft" is a verify
+        step that drafted at least one token; position i counts the steps whose first i + 1 drafts were
+        all accepted: vLLM's `SpecDecodingStats.observe_draft`). Positions appear as they are drafted."""
+        s = spec_decode_request_metrics(drafted_per_position, accepted_per_position)
+        self.vllm_drafts.inc(s["num_spec_steps"], **self.vllm_labels)
+        self.vllm_draft_tokens.inc(s["num_draft_tokens"], **self.vllm_labels)
+        self.vllm_accepted_tokens.inc(s["num_accepted_draft_tokens"], **self.vllm_labels)
+        for pos, n in enumerate(s["accepted_per_position"]):
+            self.vllm_accepted_per_pos.inc(n, **self.vllm_labels, position=str(pos))
 
     def acceptance_rate(self) -> float:
         d = self.drafted.total()
@@ -174,6 +264,7 @@ class ServerMetrics:
         parts: list[str] = []
         for inst in (self.http_requests, self.requests, self.aborted, self.prompt_tokens, self.generation_tokens,
                      self.drafted, self.accepted, self.verify_steps, self.emitted, *self._gauges, self.latency,
-                     self.ttft, self.queue_time, self.batch_size):
+                     self.ttft, self.queue_time, self.batch_size, self.vllm_drafts, self.vllm_draft_tokens,
+                     self.vllm_accepted_tokens, self.vllm_accepted_per_pos):
             parts.extend(inst.render())
         return "\n".join(parts) + "\n"

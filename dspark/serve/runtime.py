@@ -44,12 +44,10 @@ class ServeRuntime:
 def runtime_from_bundle(bundle: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                         log: Callable[[str], None] | None = None) -> ServeRuntime:
     from dspark.bundle.verify import open_bundle
-    from dspark.decode import make_decoder
 
     opened = open_bundle(bundle, device=device, dtype=dtype, full_hash=False, log=log)
-    manifest, target, draft = opened.manifest, opened.target, opened.draft
-    decoder = make_decoder(target.model, draft.model, target.tokenizer, manifest.policy.draft_length,
-                           draft_tokenizer=draft.tokenizer)
+    manifest, target = opened.manifest, opened.target
+    decoder = opened.decoder()  # with the acceptance head from where the bundle keeps it
     ctx = int(decoder.target.max_positions)
     if ctx <= 1:
         raise DsparkError(f"target context length {ctx} is too small to serve")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from dspark.errors import DsparkError
-from dspark.serve.metrics import ServerMetrics
+from dspark.serve.metrics import ServerMetrics, spec_decode_request_metrics
 from dspark.serve.text import TextStream
 
 log = logging.getLogger("dspark.serve")
@@ -129,7 +129,8 @@ def speculative_from_stats(stats, policy: str) -> dict:
     return {"draft_length": policy, "drafted": stats.drafted, "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate, "mean_accepted_tokens": stats.mean_accepted_tokens,
             "verify_steps": stats.verify_steps, "target_forwards": stats.target_forwards,
-            "draft_forwards": stats.draft_forwards, "mode": getattr(stats, "mode", None), "partial": False}
+            "draft_forwards": stats.draft_forwards, "mode": getattr(stats, "mode", None), "partial": False,
+            **spec_decode_request_metrics(stats.drafted_per_position, stats.accepted_per_position)}
 
 
 class _Row:
@@ -190,6 +191,7 @@ class _Row:
             m.accepted.inc(stats.accepted)
             m.verify_steps.inc(stats.verify_steps)
             m.emitted.inc(stats.accepted + stats.recovered + stats.bonus)
+            m.observe_spec_decode(stats.drafted_per_position, stats.accepted_per_position)
         else:
             m.verify_steps.inc(self.steps)
             m.emitted.inc(self.emitted)

@@ -1,6 +1,7 @@
 """A bundle whose draft has its own tokenizer (cross-tokenizer): export ships the draft's tokenizer and
-records the relation, no vLLM / SGLang files (they need one vocabulary), verify-bundle decodes it
-losslessly, a swapped tokenizer is caught, and the server runtime builds the cross-tokenizer decoder."""
+records the relation, a vllm.json with `use_heterogeneous_vocab` and no sglang.sh (SGLang has no such
+option), verify-bundle decodes it losslessly, a swapped tokenizer is caught, and the server runtime
+builds the cross-tokenizer decoder."""
 
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ def test_cross_bundle_layout(cross_bundle):
     assert m.draft.tokenizer_sha256 != m.target.tokenizer_sha256
     assert "draft/tokenizer.json" in m.files
     assert len(json.loads((out / "draft" / "tokenizer.json").read_text())["model"]["vocab"]) == 1024
-    assert not (out / "vllm.json").exists() and not (out / "sglang.sh").exists()
-    assert any("no vllm.json" in n for n in result.notes)
+    spec = json.loads((out / "vllm.json").read_text())["speculative_config"]
+    assert spec == {"method": "draft_model", "model": "./draft", "num_speculative_tokens": 2,
+                    "use_heterogeneous_vocab": True}
+    assert not (out / "sglang.sh").exists()
+    assert any(n.startswith("no sglang.sh: SGLang's draft models must share") for n in result.notes)
     card = (out / "README.md").read_text()
-    assert "cross-tokenizer" in card and "not applicable" in card
+    assert "cross-tokenizer" in card and "use_heterogeneous_vocab" in card and "greedy draft sampling only" in card
+    assert "SGLang: no `sglang.sh`" in card
 
 
 def test_verify_cross_bundle(cross_bundle):

@@ -70,8 +70,9 @@ def _manifest_dict(**over) -> dict:
 
 def test_manifest_schema_version_and_paths():
     BundleManifest.parse(_manifest_dict())
-    with pytest.raises(DsparkError, match="unsupported schema_version 2"):
-        BundleManifest.parse(_manifest_dict(schema_version=2))
+    BundleManifest.parse(_manifest_dict(schema_version=2))
+    with pytest.raises(DsparkError, match=r"unsupported schema_version 3 \(this dspark reads 1, 2\)"):
+        BundleManifest.parse(_manifest_dict(schema_version=3))
     with pytest.raises(DsparkError, match="must be a relative path inside the bundle"):
         BundleManifest.parse(_manifest_dict(files={"../evil": {"sha256": "c" * 64, "size": 1}}))
     with pytest.raises(DsparkError, match="unknown key 'signature'"):
