@@ -423,7 +423,10 @@ def serve_bundle_cmd(
 def distill_cmd(
     ctx: typer.Context,
     target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
-    draft: List[str] = typer.Option(..., "--draft", help="Draft model to distil (repeat for several)."),
+    draft: Optional[List[str]] = typer.Option(None, "--draft", help="Draft model to distil (repeat for several)."),
+    draft_init: Optional[List[str]] = typer.Option(
+        None, "--draft-init", help="Also distil a draft made from the target first (see `dspark draft-init`): "
+                                   "truncate:N, truncate:I,J,..., every:K or narrow:WIDTHxLAYERS (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Run folder: cache/, drafts/<name>/, candidates/<name>.yaml."),
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
     data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
@@ -465,7 +468,7 @@ def distill_cmd(
                       on_policy_max_new_tokens=max_new_tokens, acceptance_head=acceptance_head)
     say_console = err_console if as_json else console
     summary = run_distill(
-        target, draft, out, task=task, data=data, cache=cache, train=cfg,
+        target, draft or [], out, task=task, data=data, cache=cache, train=cfg, draft_init=draft_init or (),
         collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
         evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
         device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,

@@ -436,5 +436,26 @@ def init_draft(target: str, out: str | os.PathLike, spec: DraftInitSpec, force: 
     return DraftInitResult(out, meta, reused=reused)
 
 
-__all__ = ["DRAFT_META", "DraftInitResult", "DraftInitSpec", "init_draft", "kept_layers", "narrow_shape",
-           "parse_spec", "projection_basis", "renamed_tensors", "spec_from_options", "truncated_config"]
+def init_folder_name(target: str, spec: DraftInitSpec) -> str:
+    """`smollm2-135m` + truncate:4 -> `smollm2-135m-truncate-4` (a folder target by its last part)."""
+    base = Path(target).name if ("/" in target or os.sep in target) and Path(target).exists() else target
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{base}-{spec.slug}").strip("-.")
+
+
+def init_drafts(target: str, specs: list[DraftInitSpec], folder: Path,
+                log: Callable[[str], None] | None = None) -> list[str]:
+    """Make (or reuse, when already made for this target) each spec's draft in `folder`/<name>;
+    returns their folders (for `dspark distill --draft-init`)."""
+    paths = []
+    for spec in specs:
+        out = Path(folder) / init_folder_name(target, spec)
+        result = init_draft(target, out, spec, reuse=True, log=log)
+        if not result.reused and log is not None:
+            log(f"draft-init {spec.text}: {out} ({result.meta['parameters']:,} parameters)")
+        paths.append(str(out))
+    return paths
+
+
+__all__ = ["DRAFT_META", "DraftInitResult", "DraftInitSpec", "init_draft", "init_drafts", "init_folder_name",
+           "kept_layers", "narrow_shape", "parse_spec", "projection_basis", "renamed_tensors", "spec_from_options",
+           "truncated_config"]

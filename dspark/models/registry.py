@@ -77,11 +77,13 @@ ALIASES: dict[str, Alias] = {
     **_pair("gemma2-27b", "google/gemma-2-27b", "gemma2", "27B", "google/gemma-2-27b-it"),
     **_pair("gemma2-9b", "google/gemma-2-9b", "gemma2", "9B", "google/gemma-2-9b-it"),
     **_pair("gemma2-2b", "google/gemma-2-2b", "gemma2", "2B", "google/gemma-2-2b-it"),
-    # A real 135M model with no smaller sibling: the dev machines hold its Q4_1 GGUF in ../shared/models.
-    "smollm2-135m": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", "135M", instruct=True,
-                          gguf="smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
-                          gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
+# A real 135M model with no smaller sibling: the dev machines hold its Q4_1 GGUF in ../shared/models.
+# Only its instruct variant is registered, so the short name stands for it too.
+ALIASES["smollm2-135m-instruct"] = ALIASES["smollm2-135m"] = Alias(
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", "135M", instruct=True,
+    gguf="smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 # Built-in models ship inside the package (trained by dspark/recipes/tiny-code.yaml).
 BUILTINS: dict[str, str] = {
