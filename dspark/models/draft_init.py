@@ -286,7 +286,8 @@ class DraftInitResult:
 
 def _identity(target_folder: Path, spec: DraftInitSpec) -> dict[str, Any]:
     """What makes two draft-init runs the same draft (an existing folder with it is reused)."""
-    return {"target_folder": str(target_folder), "spec": spec.text, "seed": spec.seed}
+    return {"target_folder": str(target_folder), "spec": spec.text,
+            "seed": spec.seed if spec.method == "narrow" else None}  # a truncation has nothing random
 
 
 def _copy_shared_files(target: Path, tmp: Path) -> None:

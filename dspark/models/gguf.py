@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dspark.errors import DsparkError
+from dspark.models.files import is_model_folder
 
 CACHE_ENV = "DSPARK_CACHE"
 GGUF_META = "dspark_gguf.json"
@@ -72,8 +73,6 @@ def _read_meta(folder: Path) -> dict | None:
 
 
 def _complete(folder: Path) -> bool:
-    from dspark.models.registry import is_model_folder
-
     return is_model_folder(folder) and (folder / GGUF_META).is_file()
 
 
@@ -182,7 +181,7 @@ def convert_gguf(gguf: str | os.PathLike, expected_sha256: str | None = None, ca
             tmp = root / f".{sha[:16]}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 _convert_into(gguf, tmp, sha)
-                if out.exists():  # a half-made folder left by an older version: never read, replace it
+                if out.exists():  # not a complete conversion of this file (damaged by hand): never read
                     shutil.rmtree(out)
                 os.rename(tmp, out)
             finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from dspark.errors import DsparkError
+from dspark.models.files import has_safetensors_weights, is_model_folder
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -134,24 +135,6 @@ def hf_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
-
-
-def has_safetensors_weights(folder: Path) -> bool:
-    """True if `folder` holds a complete safetensors checkpoint (single file or every shard)."""
-    if (folder / "model.safetensors").is_file():
-        return True
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return False
-    try:
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (ValueError, KeyError, TypeError):
-        return False
-    return bool(shards) and all((folder / s).is_file() for s in shards)
-
-
-def is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and has_safetensors_weights(folder)
 
 
 def cached_snapshot(hub_id: str, cache_dir: Path | None = None) -> Path | None:
