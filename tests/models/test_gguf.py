@@ -182,6 +182,15 @@ def test_alias_resolves_to_its_shared_gguf_then_the_converted_folder(tiny, test_
     assert resolve_model("tiny-gguf").local_path == snap
 
 
+def test_an_unconverted_gguf_alias_is_available_offline_before_any_load(tiny, test_alias):
+    from dspark.distill.collect import check_target_available
+
+    test_alias.parent.mkdir(parents=True)
+    shutil.copy(tiny[2], test_alias)
+    check_target_available("tiny-gguf")  # collect / distill check this before loading anything
+    assert resolve_model("tiny-gguf").local_path is None  # checking converted nothing
+
+
 def test_alias_refuses_a_different_file_under_its_name(tiny, test_alias, tmp_path):
     test_alias.parent.mkdir(parents=True)
     write_gguf(test_alias, tiny_llama(tiny[1], seed=1), tiny[1])
