@@ -88,7 +88,8 @@ def main() -> int:
               "threads": torch.get_num_threads(), "methods": rows,
               "bf16_equals_fp32_prompts": sum(d < 0 for d in diffs),
               "bf16_first_difference": diffs,
-              "bf16_over_fp32_hf": rows["hf-generate-bfloat16"]["tokens_per_s"] / rows["hf-generate-float32"]["tokens_per_s"],
+              "bf16_over_fp32_hf": rows["hf-generate-bfloat16"]["tokens_per_s"]
+              / rows["hf-generate-float32"]["tokens_per_s"],
               "bf16_over_fp32_dspark": rows["dspark-target-only-bfloat16"]["tokens_per_s"]
               / rows["dspark-target-only-float32"]["tokens_per_s"]}
     for name, r in rows.items():

@@ -89,7 +89,8 @@ def _int(value: str, what: str, spec: str, minimum: int) -> int:
     try:
         n = int(value.strip())
     except ValueError:
-        raise DsparkError(f"draft-init spec {spec!r}: {what} {value.strip()!r} is not an integer ({SPEC_FORMS})") from None
+        raise DsparkError(f"draft-init spec {spec!r}: {what} {value.strip()!r} is not an integer "
+                          f"({SPEC_FORMS})") from None
     if n < minimum:
         raise DsparkError(f"draft-init spec {spec!r}: {what} must be >= {minimum}, got {n}")
     return n

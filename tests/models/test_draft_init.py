@@ -154,7 +154,8 @@ def test_truncated_draft_is_the_target_with_those_layers(target_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(draft.model(ids).logits, expected(ids).logits)
     meta = json.loads((result.path / DRAFT_META).read_text())
-    assert (meta["method"], meta["spec"], meta["layers"], meta["target_layers"]) == ("truncate", "truncate:0,3", [0, 3], 4)
+    assert (meta["method"], meta["spec"], meta["layers"], meta["target_layers"]) == \
+        ("truncate", "truncate:0,3", [0, 3], 4)
     assert meta["vocab"] == {"kind": "target", "size": draft.vocab_size, "d2t": None}
     assert meta["parameters"] == draft.num_parameters
     for name in SHARED_FILES:  # tokenizer and generation settings are the target's, byte for byte
@@ -203,7 +204,8 @@ def test_truncated_draft_decodes_losslessly(target_dir, tmp_path):
     prompt = prompt_ids(target.tokenizer)[0].tolist()
     gcfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     alone = SpeculativeDecoder(target.model, None, target.tokenizer).generate([prompt], gcfg)[0]
-    paired = SpeculativeDecoder(target.model, draft.model, target.tokenizer).generate([prompt], gcfg, draft_length="3")[0]
+    pair = SpeculativeDecoder(target.model, draft.model, target.tokenizer)
+    paired = pair.generate([prompt], gcfg, draft_length="3")[0]
     assert paired.token_ids == alone.token_ids and paired.stats.drafted > 0
 
 
