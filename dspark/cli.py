@@ -123,7 +123,8 @@ def models_cmd(
     for col in ("name", "kind", "resolves to", "here", "params", "family", "notes"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        shown = Path(r["resolves_to"]).name if r["kind"] == "builtin" else r["resolves_to"]
+        # a folder or file path by its last part: the full path is in --json
+        shown = Path(r["resolves_to"]).name if Path(r["resolves_to"]).is_absolute() else r["resolves_to"]
         table.add_row(r["name"], r["kind"], shown, "yes" if r["available"] else "no",
                       format_parameters(r["parameters"]), r["family"], r["notes"])
     console.print(table)
@@ -133,6 +134,38 @@ def models_cmd(
     if any(r["kind"] == "alias" for r in missing):
         console.print(f"aliases not here are not in the Hugging Face cache: `{DOWNLOAD_COMMAND} <hub id>` "
                       "(needs network and access)", highlight=False, soft_wrap=True)
+
+
+@app.command("draft-init")
+@user_errors
+def draft_init_cmd(
+    target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, folder or .gguf file."),
+    out: Path = typer.Option(..., "--out", help="Folder for the draft (a Hugging Face model folder)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="N: the target's first N layers; I,J,...: these "
+                                                                "layers; with --width: N fresh layers."),
+    every: Optional[int] = typer.Option(None, "--every", help="K: every K-th target layer from layer 0, and the last."),
+    width: Optional[int] = typer.Option(None, "--width", help="A narrower fresh body of this width (same tokenizer; "
+                                                              "embedding projected from the target's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of a narrow draft's fresh body."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the draft's record as JSON."),
+):
+    """Make a draft from the target itself: some of its layers (with its embeddings, final norm and head),
+    or a narrower fresh body sharing its tokenizer. Distil it next (`dspark distill --draft OUT`)."""
+    from dspark.models.draft_init import init_draft, spec_from_options
+    from dspark.models.registry import format_parameters
+
+    spec = spec_from_options(layers, every, width, seed)
+    result = init_draft(target, out, spec, force=force)
+    m = result.meta
+    if as_json:
+        print_json(result.summary())
+        return
+    shape = (f"layers {m['layers']} of the target's {m['target_layers']}" if m["method"] == "truncate"
+             else f"{m['shape']['num_hidden_layers']} fresh layers at width {m['width']} (target: "
+                  f"{m['target_layers']} layers)")
+    console.print(f"draft {out}: {spec.text}, {shape}; {format_parameters(m['parameters'])} parameters "
+                  f"({m['parameters']:,}), {m['bytes'] / 1e6:.1f} MB of weights", highlight=False, soft_wrap=True)
 
 
 @app.command("tasks")
@@ -421,7 +454,10 @@ def serve_bundle_cmd(
 def distill_cmd(
     ctx: typer.Context,
     target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
-    draft: List[str] = typer.Option(..., "--draft", help="Draft model to distil (repeat for several)."),
+    draft: Optional[List[str]] = typer.Option(None, "--draft", help="Draft model to distil (repeat for several)."),
+    draft_init: Optional[List[str]] = typer.Option(
+        None, "--draft-init", help="Also distil a draft made from the target first (see `dspark draft-init`): "
+                                   "truncate:N, truncate:I,J,..., every:K or narrow:WIDTHxLAYERS (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Run folder: cache/, drafts/<name>/, candidates/<name>.yaml."),
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
     data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
@@ -464,7 +500,7 @@ def distill_cmd(
     say_console = err_console if as_json else console
     with resumable(out):
         summary = run_distill(
-            target, draft, out, task=task, data=data, cache=cache, train=cfg,
+            target, draft or [], out, task=task, data=data, cache=cache, train=cfg, draft_init=draft_init or (),
             collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
             evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
             device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,

@@ -126,7 +126,7 @@ def check_target_available(name: str) -> None:
     from dspark.models.loading import not_available_error
 
     r = resolve_model(name)
-    if r.local_path is None and (r.kind in ("builtin", "local") or is_offline()):
+    if not r.available and (r.kind in ("builtin", "local") or is_offline()):
         raise not_available_error(r)
 
 

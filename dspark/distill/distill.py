@@ -194,16 +194,18 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
                 data: str | None = None, cache: str | Path | None = None, train=None,
                 collect: CollectSettings = CollectSettings(), evaluation: EvalSettings = EvalSettings(),
                 device: str = "auto", dtype: str = "auto", deepspeed: str | Path | None = None,
-                console=None, show_progress: bool = True,
+                console=None, show_progress: bool = True, draft_init: Sequence[str] = (),
                 log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Everything `dspark distill` does (see the module docstring); returns the summary (None on
-    data-parallel ranks other than 0)."""
+    data-parallel ranks other than 0). `draft_init`: specs of drafts made from the target first
+    (dspark.models.draft_init, into OUT/init/), distilled after the `drafts` given."""
     from dspark.distill import parallel
     from dspark.distill.cache import LogitsCache, manifest_hash
     from dspark.distill.collect import encode_prompts, load_target, validate_args
     from dspark.distill.train import TrainConfig, validate_config
     from dspark.io import atomic_write_json, check_out_folder
     from dspark.models import check_tokenizers, load_tokenizer
+    from dspark.models.draft_init import init_drafts, init_folder_name, parse_spec
     from dspark.tasks import resolve_source, source_prompts
 
     log = log or (lambda _m: None)
@@ -212,9 +214,10 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
     check_out_folder(out, "the run (cache/, drafts/, candidates/)")
     cfg = validate_config(train if train is not None else TrainConfig())
     evaluation.check()
-    if not drafts:
-        raise DsparkError("give at least one --draft")
-    labels = [draft_label(d) for d in drafts]
+    init_specs = [parse_spec(s, seed=cfg.seed) for s in draft_init]
+    if not drafts and not init_specs:
+        raise DsparkError("give at least one --draft or --draft-init")
+    labels = [draft_label(d) for d in drafts] + [init_folder_name(target, s) for s in init_specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise DsparkError(f"--draft names must be distinct, {dup[0]!r} is given twice")
@@ -224,8 +227,9 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
     ds_config = parallel.load_deepspeed_config(deepspeed)
     if ds_config is not None:  # a batch setting that contradicts the run fails here, not after the baseline
         parallel.deepspeed_settings(ds_config, cfg.batch_size, max(1, parallel.world_size_from_env()), cfg.grad_clip)
-    # 2. models exist here
+    # 2. models exist here (drafts made from the target are made now)
     _check_available(target, "target")
+    drafts = [*drafts, *init_drafts(target, init_specs, Path(out) / "init", log=log)]
     for d in drafts:
         _check_available(d, "draft")
     # 3. source and tokenizers

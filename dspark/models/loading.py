@@ -1,7 +1,8 @@
 """Load a causal LM + tokenizer by name: safetensors only, explicit dtype and device, clear errors.
 
 Hub models are loaded from their cached snapshot folder when cached, so a cached model never
-touches the network. A model that is not on disk is fetched only when not offline; offline (or
+touches the network. A GGUF model is converted once into a safetensors folder (dspark.models.gguf)
+and loaded from there. A model that is not on disk is fetched only when not offline; offline (or
 when the hub fails) the user gets one line saying how to provide it.
 """
 
@@ -105,7 +106,15 @@ def not_available_error(r: ResolvedModel) -> ModelNotAvailableError:
         f"`{DOWNLOAD_COMMAND} {r.resolves_to}` (needs network and access) or pass a local folder path")
 
 
+# A draft with a reduced vocabulary will carry its draft-to-target id map in this file (EAGLE-3's
+# `d2t`, see dspark.models.draft_init): loaded as a plain model its token ids would be wrong.
+D2T_FILE = "d2t.safetensors"
+
+
 def _check_folder(folder: Path) -> None:
+    if (folder / D2T_FILE).is_file():
+        raise DsparkError(f"model folder {str(folder)!r} is a reduced-vocabulary draft ({D2T_FILE}): this dspark "
+                          "version cannot map its token ids to the target's")
     if not (folder / "config.json").is_file():
         raise DsparkError(f"model folder {str(folder)!r} has no config.json: not a Hugging Face model folder")
     if has_safetensors_weights(folder):
@@ -119,7 +128,7 @@ def _check_folder(folder: Path) -> None:
 
 def _locate(name_or_path: str, offline: bool | None) -> tuple[ResolvedModel, str, bool]:
     """(resolved, what to pass to from_pretrained, whether that is a local folder)."""
-    r = resolve_model(name_or_path)
+    r = materialize(resolve_model(name_or_path))
     offline = is_offline() if offline is None else offline
     if r.local_path is not None:
         _check_folder(r.local_path)
@@ -127,6 +136,30 @@ def _locate(name_or_path: str, offline: bool | None) -> tuple[ResolvedModel, str
     if r.kind in ("builtin", "local") or offline:
         raise not_available_error(r)
     return r, r.resolves_to, False
+
+
+def materialize(r: ResolvedModel) -> ResolvedModel:
+    """`r` with its GGUF converted (once, into dspark's cache) and `local_path` set to that folder;
+    anything else unchanged."""
+    if r.local_path is not None or r.gguf is None:
+        return r
+    import dataclasses
+
+    from dspark.models.gguf import convert_gguf
+    from dspark.models.registry import ALIASES
+
+    expected = ALIASES[r.name].gguf_sha256 if r.kind == "alias" else None
+    return dataclasses.replace(r, local_path=convert_gguf(r.gguf, expected_sha256=expected))
+
+
+def local_folder(name_or_path: str) -> ResolvedModel:
+    """Resolve a name to a model folder on this machine (converting a GGUF if needed), or raise the
+    one-line 'not available' error: for stages that read the files themselves."""
+    r = materialize(resolve_model(name_or_path))
+    if r.local_path is None:
+        raise not_available_error(r)
+    _check_folder(r.local_path)
+    return r
 
 
 def _one_line(e: BaseException) -> str:
@@ -208,7 +241,7 @@ def model_info(name_or_path: str, load: bool = False, device: str = "cpu", dtype
     nothing is fetched)."""
     if not load:
         r = resolve_model(name_or_path)
-        if r.local_path is None:
+        if not r.available:
             raise not_available_error(r)
         if r.kind == "local":
             _check_folder(r.local_path)

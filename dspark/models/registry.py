@@ -1,8 +1,14 @@
 """Model names: an explicit registry of hub aliases and built-in models, and name resolution.
 
 `resolve_model(name)` never touches the network and never imports torch: it decides what a name
-means (a local folder, a built-in model, an alias, or a hub id) and whether its weights are on this
-machine (for hub ids: present in the local Hugging Face cache).
+means (a local folder, a GGUF file, a built-in model, an alias, a GGUF converted earlier, or a hub id)
+and whether its weights are on this machine (for hub ids: present in the local Hugging Face cache).
+
+An alias may also name a GGUF file of the same model (`Alias.gguf`, looked for under a `shared/models`
+folder above the working directory or the package, see `find_shared_file`). It resolves, first found:
+the hub id's snapshot in the Hugging Face cache (the original weights), the GGUF's converted folder
+in dspark's cache, the GGUF file itself (converted on first load, see dspark.models.gguf), and last
+the hub id, downloaded when online.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from dspark.errors import DsparkError
+from dspark.models.files import has_safetensors_weights, is_model_folder
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -25,7 +32,7 @@ BUILD_TINY_COMMAND = ("python -m dspark build-tiny-family --recipe dspark/recipe
 # huggingface_hub >= 1.0 ships the `hf` CLI (the old `huggingface-cli` entry point is gone).
 DOWNLOAD_COMMAND = "hf download"
 
-Kind = Literal["builtin", "alias", "local", "hub"]
+Kind = Literal["builtin", "alias", "local", "gguf", "hub"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class Alias:
     family: str
     parameters: str
     instruct: bool = False
+    # A GGUF file of this model, relative to a `shared/models` folder, and its sha256 (checked
+    # before it is converted: a different file under that name is not this model).
+    gguf: str | None = None
+    gguf_sha256: str | None = None
 
 
 def _pair(base: str, hub_base: str, family: str, params: str, hub_instruct: str) -> dict[str, Alias]:
@@ -68,6 +79,12 @@ ALIASES: dict[str, Alias] = {
     **_pair("gemma2-9b", "google/gemma-2-9b", "gemma2", "9B", "google/gemma-2-9b-it"),
     **_pair("gemma2-2b", "google/gemma-2-2b", "gemma2", "2B", "google/gemma-2-2b-it"),
 }
+# A real 135M model with no smaller sibling: the dev machines hold its Q4_1 GGUF in ../shared/models.
+# Only its instruct variant is registered, so the short name stands for it too.
+ALIASES["smollm2-135m-instruct"] = ALIASES["smollm2-135m"] = Alias(
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", "135M", instruct=True,
+    gguf="smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 # Built-in models ship inside the package (trained by dspark/recipes/tiny-code.yaml).
 BUILTINS: dict[str, str] = {
@@ -88,6 +105,8 @@ class ResolvedModel:
     resolves_to: str
     local_path: Path | None
     available: bool
+    # The GGUF file behind the name, when `local_path` is (or will be) its converted folder.
+    gguf: Path | None = None
 
     @property
     def label(self) -> str:
@@ -99,6 +118,7 @@ class ResolvedModel:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["local_path"] = str(self.local_path) if self.local_path else None
+        d["gguf"] = str(self.gguf) if self.gguf else None
         return d
 
 
@@ -115,24 +135,6 @@ def hf_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
-
-
-def has_safetensors_weights(folder: Path) -> bool:
-    """True if `folder` holds a complete safetensors checkpoint (single file or every shard)."""
-    if (folder / "model.safetensors").is_file():
-        return True
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return False
-    try:
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (ValueError, KeyError, TypeError):
-        return False
-    return bool(shards) and all((folder / s).is_file() for s in shards)
-
-
-def is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and has_safetensors_weights(folder)
 
 
 def cached_snapshot(hub_id: str, cache_dir: Path | None = None) -> Path | None:
@@ -158,20 +160,67 @@ def _looks_like_path(name: str) -> bool:
             or not _HUB_ID.match(name))
 
 
-def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None) -> ResolvedModel:
-    """Decide what `name_or_path` is: an existing local folder, a built-in, an alias, or a hub id.
+def shared_models_dirs() -> list[Path]:
+    """`shared/models` folders above the working directory and above the package (nearest first):
+    where a checkout's `../shared` lives, found the same way from a worktree further down."""
+    found: list[Path] = []
+    for start in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "models"
+            if candidate.is_dir() and candidate not in found:
+                found.append(candidate)
+    return found
 
-    An existing folder wins over a name so a user can always point at their own copy.
+
+def find_shared_file(relative: str) -> Path | None:
+    """The first `shared/models/<relative>` file (see `shared_models_dirs`)."""
+    for root in shared_models_dirs():
+        if (root / relative).is_file():
+            return (root / relative).resolve()
+    return None
+
+
+def _resolve_gguf(name: str, gguf: Path) -> ResolvedModel:
+    from dspark.models.gguf import lookup_converted
+
+    gguf = gguf.resolve()
+    return ResolvedModel(name, "gguf", str(gguf), lookup_converted(gguf), True, gguf=gguf)
+
+
+def _resolve_alias(name: str, alias: Alias, cache_dir: Path | None) -> ResolvedModel:
+    snap = cached_snapshot(alias.hub_id, cache_dir)
+    if snap is not None:
+        return ResolvedModel(name, "alias", alias.hub_id, snap, True)
+    if alias.gguf is not None and alias.gguf_sha256 is not None:
+        from dspark.models.gguf import converted_folder
+
+        folder = converted_folder(alias.gguf_sha256)
+        file = find_shared_file(alias.gguf)
+        if folder is not None or file is not None:
+            return ResolvedModel(name, "alias", str(file or folder), folder, True, gguf=file)
+    return ResolvedModel(name, "alias", alias.hub_id, None, False)
+
+
+def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None) -> ResolvedModel:
+    """Decide what `name_or_path` is: an existing local folder or GGUF file, a built-in, an alias,
+    a GGUF converted earlier (by its file name), or a hub id.
+
+    An existing path wins over a name so a user can always point at their own copy.
     """
+    from dspark.models.gguf import converted_by_name, find_gguf
+
     name = os.fspath(name_or_path)
     if not name.strip():
         raise DsparkError("model name is empty: pass a built-in name, an alias (see `dspark models`), "
-                          "a hub id or a local folder path")
+                          "a hub id, a local folder path or a .gguf file")
     path = Path(name).expanduser()
     if path.exists():
+        gguf = find_gguf(path)
+        if gguf is not None:
+            return _resolve_gguf(name, gguf)
         if not path.is_dir():
             raise DsparkError(f"model path {name!r} is a file: pass the model's folder (with config.json "
-                              "and model.safetensors)")
+                              "and model.safetensors) or a .gguf file")
         path = path.resolve()
         return ResolvedModel(name, "local", str(path), path, True)
     if name in BUILTINS:
@@ -179,11 +228,15 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None
         ok = is_model_folder(folder)
         return ResolvedModel(name, "builtin", str(folder), folder if ok else None, ok)
     if name in ALIASES:
-        hub_id = ALIASES[name].hub_id
-        snap = cached_snapshot(hub_id, cache_dir)
-        return ResolvedModel(name, "alias", hub_id, snap, snap is not None)
+        return _resolve_alias(name, ALIASES[name], cache_dir)
     if _looks_like_path(name):
         return ResolvedModel(name, "local", str(path), None, False)
+    converted = converted_by_name(name)
+    if len(converted) > 1:
+        raise DsparkError(f"{len(converted)} converted GGUF files are called {name!r} "
+                          f"({', '.join(str(c) for c in converted)}): pass the folder or the .gguf file")
+    if converted:
+        return ResolvedModel(name, "gguf", str(converted[0]), converted[0], True)
     snap = cached_snapshot(name, cache_dir)
     return ResolvedModel(name, "hub", name, snap, snap is not None)
 
@@ -200,8 +253,9 @@ def builtin_meta(name: str) -> dict:
 
 
 def list_models(cache_dir: Path | None = None) -> list[dict]:
-    """Every built-in model and alias: name, kind, resolves_to, available, parameters, family, notes,
-    and `hint` (how to make it available) for the ones that are not here."""
+    """Every built-in model, alias and GGUF converted in dspark's cache: name, kind, resolves_to,
+    available, parameters, family, notes, and `hint` (how to make it available) for the ones that
+    are not here."""
     rows: list[dict] = []
     for name, note in BUILTINS.items():
         r = resolve_model(name, cache_dir)
@@ -212,12 +266,23 @@ def list_models(cache_dir: Path | None = None) -> list[dict]:
         rows.append({"name": name, "kind": r.kind, "resolves_to": r.resolves_to, "available": r.available,
                      "parameters": meta.get("parameters"), "family": meta.get("family", "tiny-code"),
                      "notes": notes, "hint": None if r.available else f"build it: `{BUILD_TINY_COMMAND}`"})
+    alias_files = {a.gguf_sha256 for a in ALIASES.values() if a.gguf_sha256}
     for name, alias in ALIASES.items():
         r = resolve_model(name, cache_dir)
+        notes = "instruct" if alias.instruct else "base"
+        if r.resolves_to != alias.hub_id:  # here as its GGUF, not as the hub checkpoint
+            notes += "; GGUF, converted" if r.local_path is not None else "; GGUF, converted on first load"
         rows.append({"name": name, "kind": r.kind, "resolves_to": r.resolves_to, "available": r.available,
-                     "parameters": alias.parameters, "family": alias.family,
-                     "notes": "instruct" if alias.instruct else "base",
+                     "parameters": alias.parameters, "family": alias.family, "notes": notes,
                      "hint": None if r.available else f"download it: `{DOWNLOAD_COMMAND} {alias.hub_id}`"})
+    from dspark.models.gguf import list_converted
+
+    for c in list_converted():
+        if c.get("sha256") in alias_files:  # shown as its alias above
+            continue
+        rows.append({"name": c.get("name"), "kind": "gguf", "resolves_to": c["folder"], "available": True,
+                     "parameters": c.get("parameters"), "family": "-",
+                     "notes": f"converted from {c.get('file')} (sha256 {str(c.get('sha256'))[:12]})", "hint": None})
     return rows
 
 

@@ -18,6 +18,14 @@ def builtin_ready(name: str) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def dspark_cache(tmp_path_factory, monkeypatch):
+    """A private, empty dspark cache (converted GGUF models) per test."""
+    cache = tmp_path_factory.mktemp("dspark-cache")
+    monkeypatch.setenv("DSPARK_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(autouse=True)
 def offline_hub(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("hf-cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
