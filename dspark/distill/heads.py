@@ -551,8 +551,7 @@ def train_head(head, source, cache, cfg: HeadTrainConfig, checkpoint_dir: str | 
             ckpt.save_checkpoint(root, step, trainable, optimizer, state)
 
     def curve_point(step: int, ev: dict[str, Any], **extra) -> dict[str, Any]:
-        return {"step": step, **extra, **{k: ev[k] for k in ("expected_acceptance", "greedy_match",
-                                                                "tokens_per_step", "greedy_tokens_per_step")}}
+        return {"step": step, **extra, **{k: v for k, v in ev.items() if k != "positions"}}
 
     if before is None and main:
         before = evaluate()

@@ -435,7 +435,8 @@ def target_parts(target_model) -> tuple[Any, dict[str, torch.Tensor]]:
     final_norm = getattr(target_model.get_decoder(), "norm", None)
     if final_norm is not None and getattr(final_norm, "weight", None) is not None:
         parts["norm"] = final_norm.weight
-    return target_model.config, {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in parts.items()}
+    # clone: tied embeddings would otherwise be one tensor under two names (safetensors refuses that)
+    return target_model.config, {k: v.detach().to("cpu", torch.float32).clone() for k, v in parts.items()}
 
 
 def init_head(target_config, parts: dict[str, torch.Tensor], *, aux_layer_ids: Sequence[int] | None = None,
