@@ -294,7 +294,8 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     summary = {"identity": identity, "target": target, "target_identity": lc.manifest.target.model_dump(), "cache": str(lc.path),
                "cache_manifest_sha256": cache_hash, "task": source_name, "features": source.kind,
                "layers": list(layer_ids), "vocabulary": vocab_info, "config": cfg.identity(),
-               "head": str(head_dir), "speculative_tokens": cfg.ttt_steps, **result.to_dict(),
+               "head": str(head_dir), "speculative_tokens": cfg.ttt_steps, "world_size": dist.world_size if dist else 1,
+               **result.to_dict(),
                "compare": compare, "seconds_total": round(time.perf_counter() - t_start, 2)}
     save_head(result.head, head_dir, meta=summary)
     atomic_write_json(out / VLLM_FILE, {"model": resolves_to, "speculative_config": vllm_speculative_config(

@@ -308,16 +308,28 @@ def step_distributions(hb: HeadBatch, s: int, logits: torch.Tensor, vmap, restri
     return logp, logq, match
 
 
-def head_loss(obj: Objective, head, hb: HeadBatch, hidden: Sequence[torch.Tensor], decay: float) -> torch.Tensor:
-    """Sum over unrolled steps s of decay**s * (mean objective of step s); `hidden` is `unroll`'s
-    output (the LM head runs only on the scored anchors)."""
+def head_loss(obj: Objective, hb: HeadBatch, logits: Sequence[torch.Tensor], vmap, decay: float) -> torch.Tensor:
+    """Sum over unrolled steps s of decay**s * (mean objective of step s); logits[s] [N_s, V_d] are
+    the head's logits at the anchors `step_mask(hb, s)` selects (`_Unroll`)."""
     total = None
-    for s, h in enumerate(hidden):
-        mask = step_mask(hb, s)
-        logp, logq, _ = step_distributions(hb, s, head.logits(h[mask]), head.vocab_map, restrict=True, mask=mask)
+    for s, lg in enumerate(logits):
+        logp, logq, _ = step_distributions(hb, s, lg, vmap, restrict=True, mask=step_mask(hb, s))
         term = (decay ** s) * masked_mean(obj(logp, logq))
         total = term if total is None else total + term
     return total
+
+
+class _Unroll(torch.nn.Module):
+    """The head's training forward as one module (what DistributedDataParallel wraps): unrolled
+    hidden states -> logits at the scored anchors only (the LM head is the large part)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hb: HeadBatch, steps: int) -> list[torch.Tensor]:
+        hidden = self.head.unroll(hb.features, hb.tokens, hb.positions, hb.valid, steps, hb.anchors)
+        return [self.head.logits(h[step_mask(hb, s)]) for s, h in enumerate(hidden)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,10 +422,10 @@ def evaluate_head(head, source, cache, cfg: HeadTrainConfig, vmap, *, pad_id: in
                 break
             rows += batch.input_ids.shape[0]
             hb = source(batch.to(device), cfg.loss_on_prompt, cfg.ttt_steps)
-            hidden = head.unroll(hb.features, hb.tokens, hb.positions, hb.valid, cfg.ttt_steps, hb.anchors)
+            step_logits = _Unroll(head)(hb, cfg.ttt_steps)
 
-            def per_step(s, mask, hb=hb, hidden=hidden):
-                logits = head.logits(hidden[s][mask])
+            def per_step(s, mask, step_logits=step_logits):
+                logits = step_logits[s]
                 logp, logq, match = step_distributions(hb, s, logits, vmap, restrict=False, mask=mask)
                 rp, rq, _ = step_distributions(hb, s, logits, vmap, restrict=True, mask=mask)
                 return logp, logq, match, rp, rq
@@ -464,17 +476,6 @@ def chain_metrics_for_draft(draft_model, target_model, cache, *, steps: int, obj
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-
-class _Unroll(torch.nn.Module):
-    """The head's training forward as one module (what DistributedDataParallel wraps)."""
-
-    def __init__(self, head):
-        super().__init__()
-        self.head = head
-
-    def forward(self, features, tokens, positions, valid, steps: int, anchors):
-        return self.head.unroll(features, tokens, positions, valid, steps, anchors)
-
 
 @dataclass
 class HeadTrainResult:
@@ -567,8 +568,7 @@ def train_head(head, source, cache, cfg: HeadTrainConfig, checkpoint_dir: str | 
         for g in optimizer.param_groups:
             g["lr"] = lr
         hb = source(next(stream).to(device), cfg.loss_on_prompt, cfg.ttt_steps)
-        hidden = forward(hb.features, hb.tokens, hb.positions, hb.valid, cfg.ttt_steps, hb.anchors)
-        loss = head_loss(obj, head, hb, hidden, cfg.ttt_decay)
+        loss = head_loss(obj, hb, forward(hb, cfg.ttt_steps), vmap, cfg.ttt_decay)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

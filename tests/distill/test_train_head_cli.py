@@ -76,3 +76,28 @@ def test_bad_input_is_one_line(tmp_path, cache, extra, match):
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert "error:" in text and "Traceback" not in text and re.search(match, text), text
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_one_head(tmp_path, cache):
+    """`torchrun --nproc_per_node 2 -m dspark train-head`: both ranks train on disjoint rows and must
+    end with the same weights (compared at the end); rank 0 saves exactly those."""
+    import os
+    import subprocess
+    import sys
+
+    from dspark.distill.train import weights_digest
+    from dspark.models.eagle3 import load_head
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dspark",
+           "train-head", "--target", TARGET, "--cache", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+           "--batch-size", "2", "--heldout-percent", str(HELDOUT), "--device", "cpu", "--dtype", "float32", "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["world_size"] == 2
+    head = load_head(summary["head"])
+    assert weights_digest(head.trainable()) == summary["weights_sha256"]
+    assert summary["after"]["expected_acceptance"][0] > summary["before"]["expected_acceptance"][0]
