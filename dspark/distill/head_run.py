@@ -7,8 +7,10 @@ Order of work (bad input fails before anything expensive):
    `--hidden-cache` makes the target unnecessary;
 3. the task / data source; the logits cache: `--cache` (checked against the target) or collected
    into OUT/cache on the TRAIN split, like `dspark distill`;
-4. the draft vocabulary (`--draft-vocab V`: the V most frequent tokens of the target's own
-   continuations in the cache's training rows; `dspark.models.vocab_map`);
+4. the draft vocabulary (`--draft-vocab V`: the V most frequent tokens of the cache's training rows,
+   prompts and the target's own continuations, and of up to 4,096 more of the task's train prompts,
+   held-out ones excluded; `dspark.models.vocab_map`); its coverage of the
+   held-out continuation tokens is logged (a token outside it can never be drafted);
 5. features: online (the target in the loop) or `--offline`: OUT/hidden collected first (storage
    estimate printed), or a given `--hidden-cache`;
 6. training with checkpoints in OUT/checkpoints/<name> (a re-run resumes), then OUT/heads/<name>/
@@ -27,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from dspark.errors import DataError, DsparkError
 
@@ -75,11 +77,34 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return ids
 
 
-def continuation_counts(cache, heldout_percent: float, vocab_size: int, split: str = "train"):
-    """Token counts [V] over the target's own continuations in the cache's rows of `split`."""
+VOCAB_PROMPTS = 4096  # task prompts tokenized to count tokens for the draft vocabulary
+
+
+def token_counts(cache, heldout_percent: float, vocab_size: int, split: str = "train", prompts: bool = True,
+                 extra: Iterable[Sequence[int]] = ()):
+    """Token counts [V] over the cache's rows of `split` (the target's own continuations, and their
+    prompts when `prompts`) and the `extra` id sequences."""
     from dspark.models.vocab_map import count_tokens
 
-    return count_tokens((r.continuation_ids.tolist() for r in cache.rows(split, heldout_percent)), vocab_size)
+    def seqs():
+        for r in cache.rows(split, heldout_percent):
+            if prompts:
+                yield r.prompt_ids.tolist()
+            yield r.continuation_ids.tolist()
+        yield from extra
+
+    return count_tokens(seqs(), vocab_size)
+
+
+def task_prompt_ids(source, tokenizer, heldout_percent: float, limit: int = VOCAB_PROMPTS) -> list[list[int]]:
+    """Up to `limit` of the task's TRAIN prompts as token ids, minus those the cache holds out (a
+    small cache alone leaves many tokens unseen; held-out prompts must not pick the vocabulary)."""
+    from dspark.distill.cache import is_heldout
+    from dspark.distill.collect import encode_prompts
+    from dspark.tasks import source_prompts
+
+    recs = [r for r in source_prompts(source, "train", limit) if not is_heldout(r.id, heldout_percent)]
+    return [list(p.ids) for p in encode_prompts(recs, tokenizer)]
 
 
 def plot_curve(history: Sequence[dict[str, Any]], path: Path, title: str, compare: dict[str, Any] | None = None) -> Path:
@@ -181,7 +206,7 @@ def run_train_head(target: str, out: str | Path, *, task: str | None = None, dat
             lc.check_compatible(target_name=ident.name, tokenizer_hash=tgt.tokenizer_hash,
                                 weight_hash=ident.weight_hash, revision=ident.revision)
         return _train(target, out, lc, manifest_hash(cache_dir), tgt, cfg, head, compare_drafts, dist, device,
-                      console, show_progress, log, t_start, task or data)
+                      console, show_progress, log, t_start, task or data, source)
     finally:
         parallel.shutdown(dist)
 
@@ -216,7 +241,8 @@ def _features(out: Path, lc, tgt, head: HeadOptions, layer_ids, pad_id: int, mai
 
 
 def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOptions, compare_drafts, dist,
-           device: str, console, show_progress: bool, log, t_start: float, source_name) -> dict[str, Any] | None:
+           device: str, console, show_progress: bool, log, t_start: float, source_name, task_source
+           ) -> dict[str, Any] | None:
     import torch
 
     from dspark.distill.heads import chain_metrics_for_draft, train_head
@@ -242,10 +268,11 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     if opts.draft_vocab is not None:
         if opts.draft_vocab > vocab:
             raise DsparkError(f"--draft-vocab {opts.draft_vocab} is larger than the target's vocabulary ({vocab})")
-        vmap = build_vocab_map(continuation_counts(lc, cfg.heldout_percent, vocab), opts.draft_vocab)
+        extra = task_prompt_ids(task_source, tgt.tokenizer, cfg.heldout_percent) if tgt is not None else []
+        vmap = build_vocab_map(token_counts(lc, cfg.heldout_percent, vocab, extra=extra), opts.draft_vocab)
+        held = token_counts(lc, cfg.heldout_percent, vocab, "heldout", prompts=False)
         vocab_info = {"draft_vocab_size": opts.draft_vocab, "target_vocab_size": vocab,
-                      "heldout_coverage": round(coverage(vmap, continuation_counts(lc, cfg.heldout_percent, vocab,
-                                                                                  "heldout")), 6)}
+                      "heldout_coverage": round(coverage(vmap, held), 6)}
         log(f"draft vocabulary: {opts.draft_vocab:,} of {vocab:,} target ids cover "
             f"{vocab_info['heldout_coverage']:.1%} of the held-out continuation tokens")
     source = _features(out, lc, tgt, opts, layer_ids, pad_id, main, dist, log)
@@ -316,4 +343,4 @@ def _first_step(update):
     return call
 
 
-__all__ = ["HeadOptions", "continuation_counts", "parse_layers", "plot_curve", "run_train_head"]
+__all__ = ["HeadOptions", "task_prompt_ids", "token_counts", "parse_layers", "plot_curve", "run_train_head"]

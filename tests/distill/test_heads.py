@@ -112,9 +112,9 @@ def test_short_training_raises_heldout_expected_acceptance(tmp_path, cache, targ
 
 
 def test_reduced_vocabulary_training(tmp_path, cache, target):
-    from dspark.distill.head_run import continuation_counts
+    from dspark.distill.head_run import token_counts
 
-    vmap = build_vocab_map(continuation_counts(cache, HELDOUT, 4096), 256)
+    vmap = build_vocab_map(token_counts(cache, HELDOUT, 4096), 256)
     head = init_head_for(target, vocab_map=vmap, seed=0)
     res = train_head(head, online(target, head), cache, cfg(steps=8), tmp_path / "ck", pad_id=2)
     # acceptance is over the FULL target distribution: ids outside the draft vocabulary count as misses
