@@ -98,6 +98,21 @@ def _check_part(path: Path, rows: int, width: int) -> int:
     return int(shape[0])
 
 
+def row_positions(logits_cache) -> int:
+    """Prompt + continuation tokens over every row of a logits cache (its token columns only)."""
+    import pyarrow.compute as pc
+
+    from dspark.distill.cache import read_part_table
+
+    total = 0
+    for part in logits_cache.manifest.parts:
+        table = read_part_table(logits_cache.path / part.file, columns=["prompt_ids", "continuation_ids"],
+                                expect_bytes=part.bytes)
+        for col in ("prompt_ids", "continuation_ids"):
+            total += int(pc.sum(pc.list_value_length(table.column(col))).as_py() or 0)
+    return total
+
+
 @torch.no_grad()
 def _row_features(target_model, rows, layer_ids: Sequence[int], batch_size: int, pad_id: int,
                   device) -> list[torch.Tensor]:
@@ -168,10 +183,10 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
     width = 3 * hidden
     bpp = bytes_per_position(hidden, dtype)
     lc_bpp = logits_cache.bytes_per_position
-    log(f"storage estimate: {human_bytes(logits_cache.num_positions * bpp)} for the continuation positions "
-        f"alone ({logits_cache.num_positions:,} x 3 layers x {hidden} x {DTYPES[dtype].itemsize} B = {bpp:,} "
-        f"B/position, {bpp / max(lc_bpp, 1e-9):,.0f}x the logits cache's {lc_bpp:,.0f} B/position); the prompt "
-        "positions add to it")
+    positions = row_positions(logits_cache)
+    log(f"storage estimate: {human_bytes(positions * bpp)} ({positions:,} prompt + continuation positions x 3 "
+        f"layers x {hidden} x {DTYPES[dtype].itemsize} B = {bpp:,} B/position; the logits cache holds "
+        f"{lc_bpp:,.0f} B per continuation position: {bpp / max(lc_bpp, 1e-9):,.0f}x less)")
     device = next(target_model.parameters()).device
     done: list[HiddenPart] = []
     total = len(lc_manifest.parts)
@@ -272,4 +287,5 @@ class HiddenCache:
         return out
 
 
-__all__ = ["HiddenCache", "HiddenManifest", "bytes_per_position", "collect_hidden", "read_hidden_manifest"]
+__all__ = ["HiddenCache", "HiddenManifest", "bytes_per_position", "collect_hidden", "read_hidden_manifest",
+           "row_positions"]

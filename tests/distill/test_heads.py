@@ -153,7 +153,11 @@ def test_hidden_state_cache_gives_the_online_features_and_trains_offline(tmp_pat
     layers = (0, 1, 2)
     logs: list[str] = []
     collect_hidden(target, cache, tmp_path / "hidden", layers, dtype="float32", pad_id=2, log=logs.append)
-    assert "storage estimate" in logs[0] and "x the logits cache" in logs[0]
+    from dspark.distill.hidden_cache import row_positions
+
+    n = row_positions(cache)
+    assert n == sum(len(r.prompt_ids) + len(r.continuation_ids) for r in cache.rows("all"))
+    assert logs[0].startswith("storage estimate") and f"{n:,} prompt + continuation positions x 3 layers" in logs[0]
     hc = HiddenCache(tmp_path / "hidden", cache)
     batch = next(iter(cache.batches(4, split="all", shuffle=False, pad_id=2, max_length=40)))
     rows = {r.prompt_index: r for r in cache.rows("all")}
