@@ -200,3 +200,30 @@ def test_bad_head_folders_are_refused(target, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DataError, match="norm_output"):
         load_head(folder)
+
+
+def test_cache_rollback_and_masked_entries(target, batch):
+    """What a proposer does after verification: drop rejected drafts (crop) or mask another row's
+    entries (valid = False); either way the next step sees exactly the kept entries."""
+    head = init_head_for(target, seed=6)
+    f, t, p = batch["features"][:1], batch["token_ids"][:1], batch["positions"][:1]
+    with torch.no_grad():
+        fresh = head.start()
+        head.step(f[:, :5], t[:, :5], p[:, :5], fresh)
+        want, _ = head.step(f[:, 5:6], t[:, 5:6], p[:, 5:6], fresh)
+
+        cache = head.start()
+        _, h = head.step(f[:, :5], t[:, :5], p[:, :5], cache)
+        head.step(h[:, -1:], t[:, 5:6], p[:, 4:5] + 1, cache)  # a draft step that gets rejected
+        cache.crop(5)
+        got, _ = head.step(f[:, 5:6], t[:, 5:6], p[:, 5:6], cache)
+        torch.testing.assert_close(got, want)
+
+        masked = head.start()
+        _, h = head.step(f[:, :5], t[:, :5], p[:, :5], masked)
+        head.step(h[:, -1:], t[:, 5:6], p[:, 4:5] + 1, masked)
+        masked.valid[:, 5] = False  # a hole instead of a crop
+        got, _ = head.step(f[:, 5:6], t[:, 5:6], p[:, 5:6], masked)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(DsparkError, match="cannot crop"):
+        cache.crop(99)
