@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"held-out rows of {args.cache}: {report['anchors']} anchors; expected tokens per target step at K = 1..{args.k}")
+    print(f"held-out rows of {args.cache}: {report['anchors']} anchors; expected tokens per target step at "
+          f"K = 1..{args.k}")
     for kind, label in (("greedy_tokens_per_step", "greedy"), ("tokens_per_step", "sampling T=1")):
         print(f"\n{label}")
         for name, m in results.items():

@@ -454,17 +454,17 @@ def train_head_cmd(
     out: Path = typer.Option(..., "--out", help="Run folder: cache/, heads/<name>/, curve.png, vllm.json."),
     task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
     data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Existing logits cache (default: collect into OUT/cache)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Existing logits cache (default: OUT/cache)."),
     name: str = typer.Option("eagle3", "--name", help="Head name (folder under OUT/heads)."),
     objective: str = typer.Option("fkl", "--objective", help="fkl, rkl, jsd[:BETA] or tvd (on the draft vocabulary)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: one epoch)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Training epochs over the cache (instead of --steps)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over the cache (instead of --steps)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Cached prompts per training step (per process)."),
     ttt_steps: int = typer.Option(3, "--ttt-steps", help="Training-time-test steps unrolled (speculators' default 3)."),
     ttt_decay: float = typer.Option(1.0, "--ttt-decay", help="Loss weight decay per unrolled step."),
     draft_vocab: Optional[int] = typer.Option(None, "--draft-vocab", help="Reduced draft vocabulary size (d2t/t2d)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="3 target layer ids, e.g. 2,15,27 (default: speculators')."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="3 target layer ids, e.g. 2,15,27."),
     train_lm_head: bool = typer.Option(False, "--train-lm-head", help="Also train the LM head (default: frozen)."),
     loss_on_prompt: bool = typer.Option(False, "--loss-on-prompt", help="Also train on prompt positions (online)."),
     offline: bool = typer.Option(False, "--offline", help="Collect the hidden states into OUT/hidden, train from it."),
@@ -497,7 +497,8 @@ def train_head_cmd(
     summary = run_train_head(
         target, out, task=task, data=data, cache=cache, train=cfg, head=opts, compare_drafts=compare_draft,
         collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
-        device=device, dtype=dtype, console=say_console, log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
+        device=device, dtype=dtype, console=say_console,
+        log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
     if summary is None:
         return
     if as_json:

@@ -107,7 +107,8 @@ def task_prompt_ids(source, tokenizer, heldout_percent: float, limit: int = VOCA
     return [list(p.ids) for p in encode_prompts(recs, tokenizer)]
 
 
-def plot_curve(history: Sequence[dict[str, Any]], path: Path, title: str, compare: dict[str, Any] | None = None) -> Path:
+def plot_curve(history: Sequence[dict[str, Any]], path: Path, title: str,
+               compare: dict[str, Any] | None = None) -> Path:
     """Held-out expected acceptance per unrolled step (and the greedy tokens per target step at
     K = steps) against training steps; separate drafts' figures as horizontal lines."""
     import os
@@ -313,12 +314,14 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
 
         draft = load_model(d, device=device, dtype="float32").model.eval()
         log(f"scoring the separate draft {d} on the same held-out rows")
+        shared = min(vocab, int(draft.get_output_embeddings().weight.shape[0]))
         with torch.no_grad():
             compare[d] = chain_metrics_for_draft(draft, tgt.model, lc, steps=cfg.ttt_steps, objective=cfg.objective,
                                                  batch_size=cfg.batch_size, heldout_percent=cfg.heldout_percent,
                                                  pad_id=pad_id, max_length=cfg.max_length, max_rows=cfg.eval_max_rows,
-                                                 vocab_size=min(vocab, int(draft.get_output_embeddings().weight.shape[0])))
-    summary = {"identity": identity, "target": target, "target_identity": lc.manifest.target.model_dump(), "cache": str(lc.path),
+                                                 vocab_size=shared)
+    summary = {"identity": identity, "target": target, "target_identity": lc.manifest.target.model_dump(),
+               "cache": str(lc.path),
                "cache_manifest_sha256": cache_hash, "task": source_name, "features": source.kind,
                "layers": list(layer_ids), "vocabulary": vocab_info, "config": cfg.identity(),
                "head": str(head_dir), "speculative_tokens": cfg.ttt_steps, "world_size": dist.world_size if dist else 1,

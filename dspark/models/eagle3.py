@@ -549,5 +549,6 @@ def vllm_speculative_config(folder: str | os.PathLike, num_speculative_tokens: i
 
 
 __all__ = ["Eagle3Config", "Eagle3Head", "HeadCache", "capture_features", "check_aux_layers", "default_aux_layers",
-           "head_state_dict", "init_head", "init_head_for", "layer_config_for", "load_head", "save_head", "target_parts",
+           "head_state_dict", "init_head", "init_head_for", "layer_config_for", "load_head", "save_head",
+           "target_parts",
            "vllm_speculative_config"]
