@@ -464,6 +464,7 @@ def train_head_cmd(
     ttt_steps: int = typer.Option(3, "--ttt-steps", help="Training-time-test steps unrolled (speculators' default 3)."),
     ttt_decay: float = typer.Option(1.0, "--ttt-decay", help="Loss weight decay per unrolled step."),
     draft_vocab: Optional[int] = typer.Option(None, "--draft-vocab", help="Reduced draft vocabulary size (d2t/t2d)."),
+    vocab_prompts: int = typer.Option(4096, "--vocab-prompts", help="Task train prompts counted for --draft-vocab."),
     layers: Optional[str] = typer.Option(None, "--layers", help="3 target layer ids, e.g. 2,15,27."),
     train_lm_head: bool = typer.Option(False, "--train-lm-head", help="Also train the LM head (default: frozen)."),
     loss_on_prompt: bool = typer.Option(False, "--loss-on-prompt", help="Also train on prompt positions (online)."),
@@ -492,7 +493,8 @@ def train_head_cmd(
                           lr=lr, batch_size=batch_size, eval_every=eval_every, heldout_percent=heldout_percent,
                           eval_max_rows=eval_rows, max_length=max_length, seed=seed, loss_on_prompt=loss_on_prompt)
     opts = HeadOptions(name=name, draft_vocab=draft_vocab, layers=parse_layers(layers), train_lm_head=train_lm_head,
-                       offline=offline, hidden_cache=hidden_cache, hidden_dtype=hidden_dtype)
+                       offline=offline, hidden_cache=hidden_cache, hidden_dtype=hidden_dtype,
+                       vocab_prompts=vocab_prompts)
     say_console = err_console if as_json else console
     summary = run_train_head(
         target, out, task=task, data=data, cache=cache, train=cfg, head=opts, compare_drafts=compare_draft,

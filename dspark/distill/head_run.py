@@ -8,7 +8,8 @@ Order of work (bad input fails before anything expensive):
 3. the task / data source; the logits cache: `--cache` (checked against the target) or collected
    into OUT/cache on the TRAIN split, like `dspark distill`;
 4. the draft vocabulary (`--draft-vocab V`: the V most frequent tokens of the cache's training rows,
-   prompts and the target's own continuations, and of up to 4,096 more of the task's train prompts,
+   prompts and the target's own continuations, and of up to `--vocab-prompts` (4,096) more of the
+   task's train prompts,
    held-out ones excluded; `dspark.models.vocab_map`); its coverage of the
    held-out continuation tokens is logged (a token outside it can never be drafted);
 5. features: online (the target in the loop) or `--offline`: OUT/hidden collected first (storage
@@ -51,12 +52,15 @@ class HeadOptions:
     offline: bool = False
     hidden_cache: str | None = None
     hidden_dtype: str = "bfloat16"
+    vocab_prompts: int = 4096  # task train prompts counted for the draft vocabulary
 
     def check(self) -> "HeadOptions":
         from dspark.distill.hidden_cache import DTYPES
 
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise DsparkError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
+        if self.vocab_prompts < 0:
+            raise DsparkError(f"--vocab-prompts must be >= 0, got {self.vocab_prompts}")
         if self.hidden_dtype not in DTYPES:
             raise DsparkError(f"--hidden-dtype must be one of {', '.join(DTYPES)}, got {self.hidden_dtype!r}")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -77,9 +81,6 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return ids
 
 
-VOCAB_PROMPTS = 4096  # task prompts tokenized to count tokens for the draft vocabulary
-
-
 def token_counts(cache, heldout_percent: float, vocab_size: int, split: str = "train", prompts: bool = True,
                  extra: Iterable[Sequence[int]] = ()):
     """Token counts [V] over the cache's rows of `split` (the target's own continuations, and their
@@ -96,13 +97,15 @@ def token_counts(cache, heldout_percent: float, vocab_size: int, split: str = "t
     return count_tokens(seqs(), vocab_size)
 
 
-def task_prompt_ids(source, tokenizer, heldout_percent: float, limit: int = VOCAB_PROMPTS) -> list[list[int]]:
+def task_prompt_ids(source, tokenizer, heldout_percent: float, limit: int) -> list[list[int]]:
     """Up to `limit` of the task's TRAIN prompts as token ids, minus those the cache holds out (a
     small cache alone leaves many tokens unseen; held-out prompts must not pick the vocabulary)."""
     from dspark.distill.cache import is_heldout
     from dspark.distill.collect import encode_prompts
     from dspark.tasks import source_prompts
 
+    if limit == 0:
+        return []
     recs = [r for r in source_prompts(source, "train", limit) if not is_heldout(r.id, heldout_percent)]
     return [list(p.ids) for p in encode_prompts(recs, tokenizer)]
 
@@ -269,7 +272,8 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     if opts.draft_vocab is not None:
         if opts.draft_vocab > vocab:
             raise DsparkError(f"--draft-vocab {opts.draft_vocab} is larger than the target's vocabulary ({vocab})")
-        extra = task_prompt_ids(task_source, tgt.tokenizer, cfg.heldout_percent) if tgt is not None else []
+        extra = (task_prompt_ids(task_source, tgt.tokenizer, cfg.heldout_percent, opts.vocab_prompts)
+                 if tgt is not None else [])
         vmap = build_vocab_map(token_counts(lc, cfg.heldout_percent, vocab, extra=extra), opts.draft_vocab)
         held = token_counts(lc, cfg.heldout_percent, vocab, "heldout", prompts=False)
         vocab_info = {"draft_vocab_size": opts.draft_vocab, "target_vocab_size": vocab,
@@ -283,7 +287,8 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
                      train_lm_head=opts.train_lm_head, verifier_name_or_path=resolves_to, seed=cfg.seed).to(device)
     run_identity = {"target": lc.manifest.target.model_dump(), "cache_manifest_sha256": cache_hash,
                     "features": source.kind, "head": {"name": opts.name, "train_lm_head": opts.train_lm_head},
-                    "compare": list(compare_drafts)}
+                    "compare": list(compare_drafts),
+                    "vocab_map_sha256": _digest(vmap.d2t) if vmap is not None else None}
     head_dir = out / "heads" / opts.name
     identity = json.loads(json.dumps({"run": run_identity, "config": cfg.identity(),
                                       "head": head.config.to_speculators()}))
@@ -335,6 +340,12 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     shutil.rmtree(ck_dir, ignore_errors=True)  # the head folder now stands for the run
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _digest(t) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _first_step(update):

@@ -29,7 +29,8 @@ def test_train_write_and_rerun(tmp_path, cache):
 
     out = tmp_path / "run"
     args = ["--target", TARGET, "--cache", cache, "--out", out, "--steps", 3, "--batch-size", 4, "--draft-vocab", 512,
-            "--heldout-percent", HELDOUT, "--compare-draft", DRAFT, "--device", "cpu", "--dtype", "float32", "--json"]
+            "--vocab-prompts", 40, "--heldout-percent", HELDOUT, "--compare-draft", DRAFT, "--device", "cpu",
+            "--dtype", "float32", "--json"]
     res = run(*args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout[res.stdout.index("{"):])
@@ -45,6 +46,8 @@ def test_train_write_and_rerun(tmp_path, cache):
     assert len(cmp["expected_acceptance"]) == 3 and cmp["anchors"] == summary["after"]["anchors"]
     again = run(*args)
     assert again.exit_code == 0 and "already trained" in again.stderr
+    other = run(*[a if a != 40 else 20 for a in args])  # another vocabulary: not the same run
+    assert other.exit_code == 2 and "trained with other settings" in other.output
 
 
 def test_offline_run_collects_the_hidden_states_first(tmp_path, cache):
