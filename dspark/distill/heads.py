@@ -17,8 +17,8 @@ distribution RESTRICTED to the draft vocabulary and renormalised (as speculators
 the head cannot put mass elsewhere) and the head's. Steps are summed with weight `ttt_decay ** s`
 (speculators' `ttt_step_loss_decay`, default 1.0; 3 steps by default, speculators' `--ttt-steps`).
 
-Evaluation (every `eval_every` steps, on the cache's held-out rows; no decoding): per unrolled step
-s, the expected acceptance E[sum_x min(p, q)] of speculative sampling with the FULL target
+Evaluation (every `eval_every` steps, on the continuation positions of the cache's held-out rows,
+whatever the loss trains on; no decoding): per unrolled step s, the expected acceptance E[sum_x min(p, q)] of speculative sampling with the FULL target
 distribution p (tokens outside the draft vocabulary are never proposed, so they accept nothing), the
 greedy match rate, and the objective. Per anchor position the acceptances of steps 0..k-1 chain into
 the expected tokens per target step of a K-token draft chain: 1 + sum_{k=1..K} prod_{s<k} a_s
@@ -421,7 +421,8 @@ def evaluate_head(head, source, cache, cfg: HeadTrainConfig, vmap, *, pad_id: in
             if max_rows is not None and rows >= max_rows:
                 break
             rows += batch.input_ids.shape[0]
-            hb = source(batch.to(device), cfg.loss_on_prompt, cfg.ttt_steps)
+            # continuation positions only, whatever the loss trains on: they are what decoding drafts
+            hb = source(batch.to(device), False, cfg.ttt_steps)
             step_logits = _Unroll(head)(hb, cfg.ttt_steps)
 
             def per_step(s, mask, step_logits=step_logits):

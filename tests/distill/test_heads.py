@@ -199,3 +199,15 @@ def test_hidden_state_cache_gives_the_online_features_and_trains_offline(tmp_pat
 def test_bad_settings_fail_before_work(kw, match):
     with pytest.raises(DsparkError, match=match):
         validate_head_config(HeadTrainConfig(**kw))
+
+
+def test_training_on_prompts_still_evaluates_the_continuation(tmp_path, cache, target):
+    """--loss-on-prompt adds training positions; the held-out figures stay on the continuation
+    positions decoding drafts, so runs with and without it compare."""
+    head = init_head_for(target, seed=0)
+    src = online(target, head)
+    a = evaluate_head(head, src, cache, cfg(loss_on_prompt=True), head.vocab_map, pad_id=2)
+    b = evaluate_head(head, src, cache, cfg(), head.vocab_map, pad_id=2)
+    assert a == b
+    res = train_head(head, src, cache, cfg(steps=4, loss_on_prompt=True), tmp_path / "ck", pad_id=2)
+    assert res.positions_seen > 4 * 4 * 16  # more than the continuation positions of 4 batches of 4 rows
