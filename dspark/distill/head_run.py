@@ -247,14 +247,11 @@ def _features(out: Path, lc, tgt, head: HeadOptions, layer_ids, pad_id: int, mai
 def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOptions, compare_drafts, dist,
            device: str, console, show_progress: bool, log, t_start: float, source_name, task_source
            ) -> dict[str, Any] | None:
-    import torch
-
-    from dspark.distill.heads import chain_metrics_for_draft, train_head
+    from dspark.distill.heads import train_head
     from dspark.distill.hidden_cache import HiddenCache
     from dspark.io import atomic_write_json
     from dspark.models.eagle3 import (check_aux_layers, default_aux_layers, init_head, save_head, target_parts,
                                       vllm_speculative_config)
-    from dspark.models.vocab_map import build_vocab_map, coverage
 
     main = dist is None or dist.is_main
     if tgt is not None:
@@ -268,18 +265,7 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     n_layers = int(text_cfg.num_hidden_layers)
     layer_ids = check_aux_layers(opts.layers or default_aux_layers(n_layers), n_layers)
     vocab = int(parts["embed_tokens"].shape[0])
-    vmap = vocab_info = None
-    if opts.draft_vocab is not None:
-        if opts.draft_vocab > vocab:
-            raise DsparkError(f"--draft-vocab {opts.draft_vocab} is larger than the target's vocabulary ({vocab})")
-        extra = (task_prompt_ids(task_source, tgt.tokenizer, cfg.heldout_percent, opts.vocab_prompts)
-                 if tgt is not None else [])
-        vmap = build_vocab_map(token_counts(lc, cfg.heldout_percent, vocab, extra=extra), opts.draft_vocab)
-        held = token_counts(lc, cfg.heldout_percent, vocab, "heldout", prompts=False)
-        vocab_info = {"draft_vocab_size": opts.draft_vocab, "target_vocab_size": vocab,
-                      "heldout_coverage": round(coverage(vmap, held), 6)}
-        log(f"draft vocabulary: {opts.draft_vocab:,} of {vocab:,} target ids cover "
-            f"{vocab_info['heldout_coverage']:.1%} of the held-out continuation tokens")
+    vmap, vocab_info = _draft_vocabulary(opts, lc, cfg.heldout_percent, vocab, tgt, task_source, log)
     source = _features(out, lc, tgt, opts, layer_ids, pad_id, main, dist, log)
     resolves_to = tgt.identity.resolves_to if tgt is not None else lc.manifest.target.resolves_to
     head = init_head(config, parts, aux_layer_ids=layer_ids, vocab_map=vmap,
@@ -313,25 +299,13 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     if not main:
         return None
 
-    compare = {}
-    for d in compare_drafts:
-        from dspark.models import load_model
-
-        draft = load_model(d, device=device, dtype="float32").model.eval()
-        log(f"scoring the separate draft {d} on the same held-out rows")
-        shared = min(vocab, int(draft.get_output_embeddings().weight.shape[0]))
-        with torch.no_grad():
-            compare[d] = chain_metrics_for_draft(draft, tgt.model, lc, steps=cfg.ttt_steps, objective=cfg.objective,
-                                                 batch_size=cfg.batch_size, heldout_percent=cfg.heldout_percent,
-                                                 pad_id=pad_id, max_length=cfg.max_length, max_rows=cfg.eval_max_rows,
-                                                 vocab_size=shared)
+    max_length = cfg.max_length or int(head.config.layer.max_position_embeddings)
+    compare = {d: _score_draft(d, tgt.model, lc, cfg, pad_id, max_length, vocab, device, log) for d in compare_drafts}
     summary = {"identity": identity, "target": target, "target_identity": lc.manifest.target.model_dump(),
-               "cache": str(lc.path),
-               "cache_manifest_sha256": cache_hash, "task": source_name, "features": source.kind,
-               "layers": list(layer_ids), "vocabulary": vocab_info, "config": cfg.identity(),
+               "cache": str(lc.path), "cache_manifest_sha256": cache_hash, "task": source_name,
+               "features": source.kind, "layers": list(layer_ids), "vocabulary": vocab_info, "config": cfg.identity(),
                "head": str(head_dir), "speculative_tokens": cfg.ttt_steps, "world_size": dist.world_size if dist else 1,
-               **result.to_dict(),
-               "compare": compare, "seconds_total": round(time.perf_counter() - t_start, 2)}
+               **result.to_dict(), "compare": compare, "seconds_total": round(time.perf_counter() - t_start, 2)}
     save_head(result.head, head_dir, meta=summary)
     atomic_write_json(out / VLLM_FILE, {"model": resolves_to, "speculative_config": vllm_speculative_config(
         f"./heads/{opts.name}", cfg.ttt_steps)})
@@ -340,6 +314,40 @@ def _train(target: str, out: Path, lc, cache_hash: str, tgt, cfg, opts: HeadOpti
     shutil.rmtree(ck_dir, ignore_errors=True)  # the head folder now stands for the run
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _draft_vocabulary(opts: HeadOptions, lc, heldout_percent: float, vocab: int, tgt, task_source, log):
+    """(VocabMap or None, what to report about it) for `--draft-vocab` (see the module docstring)."""
+    from dspark.models.vocab_map import build_vocab_map, coverage
+
+    if opts.draft_vocab is None:
+        return None, None
+    if opts.draft_vocab > vocab:
+        raise DsparkError(f"--draft-vocab {opts.draft_vocab} is larger than the target's vocabulary ({vocab})")
+    extra = task_prompt_ids(task_source, tgt.tokenizer, heldout_percent, opts.vocab_prompts) if tgt is not None else []
+    vmap = build_vocab_map(token_counts(lc, heldout_percent, vocab, extra=extra), opts.draft_vocab)
+    held = token_counts(lc, heldout_percent, vocab, "heldout", prompts=False)
+    info = {"draft_vocab_size": opts.draft_vocab, "target_vocab_size": vocab,
+            "heldout_coverage": round(coverage(vmap, held), 6)}
+    log(f"draft vocabulary: {opts.draft_vocab:,} of {vocab:,} target ids cover {info['heldout_coverage']:.1%} of "
+        "the held-out continuation tokens")
+    return vmap, info
+
+
+def _score_draft(name: str, target_model, lc, cfg, pad_id: int, max_length: int, vocab: int, device: str, log):
+    """`--compare-draft`: a separate draft's chained figures on the head's held-out rows."""
+    import torch
+
+    from dspark.distill.heads import chain_metrics_for_draft
+    from dspark.models import load_model
+
+    draft = load_model(name, device=device, dtype="float32").model.eval()
+    log(f"scoring the separate draft {name} on the same held-out rows")
+    shared = min(vocab, int(draft.get_output_embeddings().weight.shape[0]))
+    with torch.no_grad():
+        return chain_metrics_for_draft(draft, target_model, lc, steps=cfg.ttt_steps, objective=cfg.objective,
+                                       batch_size=cfg.batch_size, heldout_percent=cfg.heldout_percent, pad_id=pad_id,
+                                       max_length=max_length, max_rows=cfg.eval_max_rows, vocab_size=shared)
 
 
 def _digest(t) -> str:

@@ -12,8 +12,8 @@ Layout (mirrors the logits cache it belongs to, one part per logits-cache part):
                                            prompt_len [rows] int64: row r's features are
                                            features[offsets[r]:offsets[r + 1]] over prompt + continuation
     HIDDEN/target/config.json + parts.safetensors   the target's config, embedding, LM head and final
-                                           norm (`eagle3.target_parts`): a head is built from these
-                                           without loading the target again
+                                           norm (`eagle3.target_parts`, in the cache's dtype): a head is
+                                           built from these without loading the target again
 Parts are written atomically (temp file + rename); a killed run re-run with the same arguments
 skips the parts already written (each is reopened and checked) and ends with the same files.
 """
@@ -136,6 +136,25 @@ def _row_features(target_model, rows, layer_ids: Sequence[int], batch_size: int,
     return out  # type: ignore[return-value]
 
 
+def _write_part(target_model, logits_cache, part, path: Path, layer_ids: Sequence[int], dtype: str, batch_size: int,
+                pad_id: int, device) -> int:
+    """Features of one logits-cache part's rows -> one safetensors part (atomic); its positions."""
+    from safetensors.torch import save
+
+    from dspark.io import atomic_write_bytes
+
+    data = logits_cache.read_part(part)
+    rows = [data.row(i) for i in range(len(data))]
+    feats = _row_features(target_model, rows, layer_ids, batch_size, pad_id, device)
+    offsets = torch.zeros(len(feats) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor([f.shape[0] for f in feats], dtype=torch.long).cumsum(0)
+    tensors = {"features": torch.cat(feats).to(DTYPES[dtype]).contiguous(), "offsets": offsets,
+               "prompt_index": torch.tensor([r.prompt_index for r in rows], dtype=torch.long),
+               "prompt_len": torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long)}
+    atomic_write_bytes(path, save(tensors))
+    return int(offsets[-1])
+
+
 def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids: Sequence[int], *,
                    dtype: str = "bfloat16", batch_size: int = 8, pad_id: int = 0,
                    progress: Callable[[int, int], None] | None = None,
@@ -144,7 +163,7 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
     from safetensors.torch import save
 
     from dspark import __version__
-    from dspark.distill.cache import manifest_hash
+    from dspark.distill.cache import identity_diff, manifest_hash
     from dspark.distill.collect import human_bytes
     from dspark.io import atomic_write_bytes, atomic_write_json
     from dspark.models.eagle3 import target_parts
@@ -162,8 +181,6 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
                               hidden_size=hidden, dtype=dtype)
     if (out / MANIFEST).is_file():
         old = read_hidden_manifest(out)
-        from dspark.distill.cache import identity_diff
-
         diff = identity_diff(old.identity(), manifest.identity())
         if diff:
             key, a, b = diff[0]
@@ -174,12 +191,6 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
             return old
     elif out.exists() and any(out.iterdir()):
         raise DsparkError(f"{str(out)!r} exists and is not a hidden-state cache: choose a new or empty folder")
-    (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    (out / TARGET_DIR).mkdir(exist_ok=True)
-    atomic_write_json(out / TARGET_DIR / "config.json", config.to_dict())
-    atomic_write_bytes(out / TARGET_DIR / "parts.safetensors", save(parts_w))
-    atomic_write_json(out / MANIFEST, manifest.model_dump(mode="json"))
-
     width = 3 * hidden
     bpp = bytes_per_position(hidden, dtype)
     lc_bpp = logits_cache.bytes_per_position
@@ -187,6 +198,13 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
     log(f"storage estimate: {human_bytes(positions * bpp)} ({positions:,} prompt + continuation positions x 3 "
         f"layers x {hidden} x {DTYPES[dtype].itemsize} B = {bpp:,} B/position; the logits cache holds "
         f"{lc_bpp:,.0f} B per continuation position: {bpp / max(lc_bpp, 1e-9):,.0f}x less)")
+    (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    (out / TARGET_DIR).mkdir(exist_ok=True)
+    atomic_write_json(out / TARGET_DIR / "config.json", config.to_dict())
+    atomic_write_bytes(out / TARGET_DIR / "parts.safetensors",
+                       save({k: v.to(DTYPES[dtype]).contiguous() for k, v in parts_w.items()}))
+    atomic_write_json(out / MANIFEST, manifest.model_dump(mode="json"))
+
     device = next(target_model.parameters()).device
     done: list[HiddenPart] = []
     total = len(lc_manifest.parts)
@@ -194,20 +212,8 @@ def collect_hidden(target_model, logits_cache, out: str | os.PathLike, layer_ids
     for n, part in enumerate(lc_manifest.parts):
         rel = _part_file(part.file)
         path = out / rel
-        if path.is_file():
-            positions = _check_part(path, part.rows, width)
-        else:
-            data = logits_cache.read_part(part)
-            rows = [data.row(i) for i in range(len(data))]
-            feats = _row_features(target_model, rows, layer_ids, batch_size, pad_id, device)
-            lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
-            offsets = torch.zeros(len(feats) + 1, dtype=torch.long)
-            offsets[1:] = lengths.cumsum(0)
-            tensors = {"features": torch.cat(feats).to(DTYPES[dtype]).contiguous(), "offsets": offsets,
-                       "prompt_index": torch.tensor([r.prompt_index for r in rows], dtype=torch.long),
-                       "prompt_len": torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long)}
-            atomic_write_bytes(path, save(tensors))
-            positions = int(offsets[-1])
+        positions = (_check_part(path, part.rows, width) if path.is_file() else
+                     _write_part(target_model, logits_cache, part, path, layer_ids, dtype, batch_size, pad_id, device))
         done.append(HiddenPart(file=rel, source=part.file, rows=part.rows, positions=positions,
                                bytes=path.stat().st_size))
         manifest = manifest.model_copy(update={"parts": list(done)})
@@ -259,7 +265,7 @@ class HiddenCache:
 
         d = json.loads((self.path / TARGET_DIR / "config.json").read_text(encoding="utf-8"))
         config = AutoConfig.for_model(d.pop("model_type"), **d)
-        return config, load_file(str(self.path / TARGET_DIR / "parts.safetensors"))
+        return config, {k: v.float() for k, v in load_file(str(self.path / TARGET_DIR / "parts.safetensors")).items()}
 
     def batch_features(self, batch) -> torch.Tensor:
         """A CacheBatch's rows -> features [B, L, 3H] float32 aligned with its input_ids (rows
