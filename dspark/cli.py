@@ -515,6 +515,71 @@ def distill_cmd(
             console.print(f"{d['name']}: {d['path']} (candidate {d['candidate']})", highlight=False, soft_wrap=True)
 
 
+@app.command("train-head")
+@user_errors
+def train_head_cmd(
+    target: str = typer.Option(..., "--target", help="Target model: built-in name, alias, hub id or folder."),
+    out: Path = typer.Option(..., "--out", help="Run folder: cache/, heads/<name>/, curve.png, vllm.json."),
+    task: Optional[str] = typer.Option(None, "--task", help="Built-in task name (see `dspark tasks`)."),
+    data: Optional[str] = typer.Option(None, "--data", help="User data: .jsonl/.json/.parquet/.txt, folder or hub id."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Existing logits cache (default: OUT/cache)."),
+    name: str = typer.Option("eagle3", "--name", help="Head name (folder under OUT/heads)."),
+    objective: str = typer.Option("fkl", "--objective", help="fkl, rkl, jsd[:BETA] or tvd (on the draft vocabulary)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: one epoch)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over the cache (instead of --steps)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Cached prompts per training step (per process)."),
+    ttt_steps: int = typer.Option(3, "--ttt-steps", help="Training-time-test steps unrolled (speculators' default 3)."),
+    ttt_decay: float = typer.Option(1.0, "--ttt-decay", help="Loss weight decay per unrolled step."),
+    draft_vocab: Optional[int] = typer.Option(None, "--draft-vocab", help="Reduced draft vocabulary size (d2t/t2d)."),
+    vocab_prompts: int = typer.Option(4096, "--vocab-prompts", help="Task train prompts counted for --draft-vocab."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="3 target layer ids, e.g. 2,15,27."),
+    train_lm_head: bool = typer.Option(False, "--train-lm-head", help="Also train the LM head (default: frozen)."),
+    loss_on_prompt: bool = typer.Option(False, "--loss-on-prompt", help="Also train on prompt positions (online)."),
+    offline: bool = typer.Option(False, "--offline", help="Collect the hidden states into OUT/hidden, train from it."),
+    hidden_cache: Optional[str] = typer.Option(None, "--hidden-cache", help="Train from this hidden-state cache."),
+    hidden_dtype: str = typer.Option("bfloat16", "--hidden-dtype", help="Hidden-state cache dtype."),
+    compare_draft: List[str] = typer.Option([], "--compare-draft", help="Score this separate draft on the same rows."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Collect: at most this many prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Collect: continuation length."),
+    top_k: int = typer.Option(64, "--top-k", help="Collect: target log-probs kept per position (+ tail)."),
+    heldout_percent: float = typer.Option(10.0, "--heldout-percent", help="Cache rows held out for evaluation."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations."),
+    eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="Held-out rows per evaluation (default: all)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row (default: the context)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="Target dtype: float32, bfloat16, float16 or auto."),
+    seed: int = typer.Option(0, "--seed", help="Seed of shuffling and initialisation."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Train an EAGLE-3 head that reads the target's hidden states; written in vLLM's speculators format."""
+    from dspark.distill.distill import CollectSettings
+    from dspark.distill.head_run import HeadOptions, parse_layers, run_train_head
+    from dspark.distill.heads import HeadTrainConfig
+
+    cfg = HeadTrainConfig(objective=objective, ttt_steps=ttt_steps, ttt_decay=ttt_decay, steps=steps, epochs=epochs,
+                          lr=lr, batch_size=batch_size, eval_every=eval_every, heldout_percent=heldout_percent,
+                          eval_max_rows=eval_rows, max_length=max_length, seed=seed, loss_on_prompt=loss_on_prompt)
+    opts = HeadOptions(name=name, draft_vocab=draft_vocab, layers=parse_layers(layers), train_lm_head=train_lm_head,
+                       offline=offline, hidden_cache=hidden_cache, hidden_dtype=hidden_dtype,
+                       vocab_prompts=vocab_prompts)
+    say_console = err_console if as_json else console
+    summary = run_train_head(
+        target, out, task=task, data=data, cache=cache, train=cfg, head=opts, compare_drafts=compare_draft,
+        collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
+        device=device, dtype=dtype, console=say_console,
+        log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
+    if summary is None:
+        return
+    if as_json:
+        print_json(summary)
+        return
+    after = summary["after"]
+    console.print(f"{name}: {summary['head']} (vLLM: {out / 'vllm.json'}); held-out expected acceptance per "
+                  f"unrolled step {after.get('expected_acceptance')}, greedy tokens per target step at K={ttt_steps} "
+                  f"{(after.get('greedy_tokens_per_step') or [None])[-1]}", highlight=False, soft_wrap=True)
+
+
 @app.command("quantize")
 @user_errors
 def quantize_cmd(
