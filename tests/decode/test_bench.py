@@ -73,6 +73,12 @@ def test_bench_json_tiny(tmp_path, stories_draft_dir):
     assert [b["batch_size"] for b in report["batched"]] == [1, 2]
     assert all(b["outputs_identical"] for b in report["batched"])
     assert report["threads"] == 1
+    mem = report["memory"]  # measured over the command: the peak holds at least the weights it loaded
+    assert mem["weights_mb"] > 0 and mem["baseline_rss_mb"] > 0
+    assert mem["peak_rss_mb"] - mem["baseline_rss_mb"] >= mem["weights_mb"]
+    assert mem["peak_growth_over_weights"] == pytest.approx(
+        (mem["peak_rss_mb"] - mem["baseline_rss_mb"]) / mem["weights_mb"])
+    assert "peak RSS" in _render(report)
 
 
 def test_identity_check_catches_a_differing_method(monkeypatch, stories_pair):
