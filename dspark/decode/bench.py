@@ -504,9 +504,10 @@ def bench(target: str, draft: str, config: BenchConfig, prompts_file: str | Path
     _check_source(prompts_file, task, n)
     if prompts_file is not None:
         bench_prompts(None, prompts_file, None, n)
-    # the baseline is the runtime with its libraries imported: the window measures what loading the
-    # pair and benchmarking it add
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    # the baseline is the runtime with the libraries loading uses imported (transformers' modeling
+    # code alone is ~160 MB): the window measures what loading the pair and benchmarking it add
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, convert_slow_tokenizer, tokenization_utils_tokenizers  # noqa: F401
 
     window = RssWindow().start()
     pair = load_pair(target, draft, device, dtype)
