@@ -493,13 +493,23 @@ def bench(target: str, draft: str, config: BenchConfig, prompts_file: str | Path
           task: str | None = None, n: int = 10, device: str = "auto", dtype: str = "auto",
           out: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Load the pair, gather prompts, run `run_bench`; write the report to `out` (atomically) if given.
-    The prompt source is checked before any model loads."""
+    The prompt source is checked before any model loads. The report's `memory` block is this
+    process's resident memory measured over the whole command, loading included (dspark.memory):
+    the baseline just before loading, the peak, both models' weights, and (peak - baseline) / weights."""
     from dspark.decode.run import encode, load_pair
     from dspark.io import atomic_write_json
+    from dspark.memory import RssWindow
+    from dspark.quantize.loading import model_bytes
 
     _check_source(prompts_file, task, n)
     if prompts_file is not None:
         bench_prompts(None, prompts_file, None, n)
+    # the baseline is the runtime with the libraries loading uses imported (transformers' modeling
+    # code alone is ~160 MB): the window measures what loading the pair and benchmarking it add
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, convert_slow_tokenizer, tokenization_utils_tokenizers  # noqa: F401
+
+    window = RssWindow().start()
     pair = load_pair(target, draft, device, dtype)
     texts, source = bench_prompts(pair.target.tokenizer, prompts_file, task, n)
     ids = encode(pair.target.tokenizer, texts)
@@ -511,7 +521,9 @@ def bench(target: str, draft: str, config: BenchConfig, prompts_file: str | Path
                                   f"it exceeds the target's context of {context} tokens")
     report = run_bench(pair.target.model, pair.draft.model, pair.target.tokenizer, ids, config, progress,
                        draft_tokenizer=pair.draft.tokenizer)
-    report = {"target": pair.target.name, "draft": pair.draft.name, "prompts": source, **report}
+    weights = model_bytes(pair.target.model) + model_bytes(pair.draft.model)
+    report = {"target": pair.target.name, "draft": pair.draft.name, "prompts": source, **report,
+              "memory": window.report(weights)}
     if out is not None:
         atomic_write_json(out, report)
     return report
@@ -568,4 +580,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.extend(report.get("notes") or [])
     if report.get("best_static"):
         lines.append(f"dspark-auto vs best static ({report['best_static']}): {report['auto_vs_best_static']:.2f}x")
+    mem = report.get("memory")
+    if mem and mem.get("peak_rss_mb") is not None:
+        lines.append(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB, {mem['baseline_rss_mb']:.0f} MB before loading; "
+                     f"(peak - before) / weights ({mem['weights_mb']:.1f} MB) = "
+                     f"{_fmt(mem['peak_growth_over_weights'], '.2f')}")
     return lines

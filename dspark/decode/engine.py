@@ -23,10 +23,10 @@ One step for a batch of B active requests (row i has committed tokens s_i = prom
    batching never changes a greedy output (how many tokens a step yields may differ).
 4. Commit, truncating at a stop token; roll both caches back; finished rows leave the batch.
 
-Forwards: Llama-family models (llama, mistral, qwen2) run through `fastpath.LeanLlama` (fused
-projections, preallocated KV buffers, precomputed rotary tables: the same function as the HF forward
-with far less per-call overhead, which dominates small models); other models through their HF
-forward with the base model and lm_head called separately (logits only where needed).
+Forwards: Llama-family models (llama, mistral, qwen2) run through `fastpath.LeanLlama` (the model's
+own weights, never copied; preallocated KV buffers, precomputed rotary tables: the same function as
+the HF forward with far less per-call overhead, which dominates small models); other models through
+their HF forward with the base model and lm_head called separately (logits only where needed).
 
 KV caches: one cache per model (the lean KVBuffer, or a transformers `DynamicCache`), holding every
 row. Rows accept different numbers of tokens, so the cache is a sequence of *slots* shared by all
@@ -67,7 +67,7 @@ import torch
 
 from dspark.decode.acceptance_head import AcceptanceHead, has_acceptance_head, load_acceptance_head
 from dspark.decode.constraints import TokenConstraint, fit_mask
-from dspark.decode.fastpath import KVBuffer, LeanLlama
+from dspark.decode.fastpath import KV_CAPACITY, KVBuffer, LeanLlama
 from dspark.decode.fastpath import supports as fastpath_supports
 from dspark.decode.policy import BatchPlanner, DraftLengthPolicy, DraftPlan, PolicyContext, PolicyFactory, StepFeedback
 from dspark.decode.requests import (check_constraints, check_prompts, checked_policy_factory, collect_results,
@@ -118,9 +118,10 @@ class _Runner:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
 
-    def new_cache(self, batch: int):
+    def new_cache(self, batch: int, capacity: int = KV_CAPACITY):
+        """An empty KV cache for `batch` rows (`capacity`: the lean buffer's first size, in slots)."""
         if self.lean is not None:
-            return self.lean.new_cache(batch)
+            return self.lean.new_cache(batch, capacity)
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
@@ -203,9 +204,9 @@ class _Runner:
 class _Slots:
     """A model's batched KV cache plus which cache slot holds which row's token (see module docstring)."""
 
-    def __init__(self, runner: _Runner, batch: int, capacity: int = 256):
+    def __init__(self, runner: _Runner, batch: int, capacity: int = KV_CAPACITY):
         self.runner = runner
-        self.cache = runner.new_cache(batch)
+        self.cache = runner.new_cache(batch, capacity)
         self.device = runner.device
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.length = 0  # slots in the cache
@@ -377,8 +378,9 @@ class SpeculativeDecoder:
     stop_token_ids: the default stop ids for requests whose config names none (default: the
     tokenizer's eos and the target's generation_config eos).
     lean: use the lean Llama-family forward (fastpath.py) for models that have that structure
-    (default); False always calls the Hugging Face forward. The lean path snapshots the weights
-    (fused, transposed copies on CPU): build a new decoder after changing a model's weights.
+    (default); False always calls the Hugging Face forward. The lean path reads the model's own
+    parameters (no copy): in-place weight updates are seen; build a new decoder after moving a model
+    to another dtype or device.
 
     Side effects: both models are put in eval mode (and moved to `device` if given).
 
@@ -630,15 +632,17 @@ class DecodeSession:
         if hasattr(pol, "inherit_costs"):  # forward costs belong to the decoder: start from its measurements
             pol.inherit_costs(dec.batch_planner)
         # prefill everything but the last prompt token (it is fed, as the pending token, by the first
-        # step), alone: a padded batch prefill would compute the padding too
-        t_one = _Slots(dec.target, 1)
+        # step), alone: a padded batch prefill would compute the padding too. These caches only carry
+        # the prompt into the batch's (`absorb`): sized to it, not to KV_CAPACITY, they add no second
+        # copy of the batch's KV at the merge
+        t_one = _Slots(dec.target, 1, capacity=len(prompt))
         if len(prompt) > 1:
             _, dt = dec._timed(t_one.feed, [prompt[:-1]], 0, False)
             st.target_forwards += 1
             st.target_time_s += dt
         d_one = None
         if self.dft is not None:
-            d_one = _Slots(dec.draft, 1)
+            d_one = _Slots(dec.draft, 1, capacity=len(prompt))
             if ok and len(prompt) > 1:
                 _, dd = dec._timed(d_one.feed, [prompt[:-1]], 0, False)
                 st.draft_forwards += 1

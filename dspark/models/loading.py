@@ -8,6 +8,7 @@ when the hub fails) the user gets one line saying how to provide it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,42 @@ def load_tokenizer(name_or_path: str, offline: bool | None = None):
     return _load_tokenizer(source, local, r)
 
 
+# safetensors' names of the floating dtypes a model loads in
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@contextlib.contextmanager
+def weights_read_for(torch_dtype):
+    """While loading in `torch_dtype`, transformers reads every safetensors file that stores floating
+    tensors in another dtype with pread(2), one tensor at a time, instead of mapping it.
+
+    Why: every page of a mapped file that loading reads stays resident until the last tensor viewing
+    the mapping is freed. Converting (the built-in bf16 checkpoints loaded in float32, a float32 file
+    in bf16) reads every page, so the file's bytes and the converted weights were resident at once:
+    1.5x the weights (3x for float32 -> bf16). With pread the peak is the weights plus one tensor.
+    A file already in `torch_dtype` stays mapped: its tensors are the file's pages, with no copy."""
+    import transformers.modeling_utils as mu
+
+    original = getattr(mu, "safe_open", None)
+    want = SAFETENSORS_DTYPES.get(str(torch_dtype).removeprefix("torch."))
+    if original is None or want is None:  # transformers opens files elsewhere / an unknown dtype
+        yield
+        return
+
+    def safe_open(filename, *args, **kwargs):
+        with original(filename, framework="pt") as probe:  # reads the header only
+            stored = {probe.get_slice(k).get_dtype() for k in probe.keys()}
+        if stored & (set(SAFETENSORS_DTYPES.values()) - {want}):
+            kwargs["backend"] = "pread"
+        return original(filename, *args, **kwargs)
+
+    mu.safe_open = safe_open
+    try:
+        yield
+    finally:
+        mu.safe_open = original
+
+
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32",
                offline: bool | None = None) -> LoadedModel:
     """Load a causal LM (eval mode) and its tokenizer.
@@ -215,18 +252,25 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32",
 
     from transformers import AutoModelForCausalLM
 
+    from dspark.memory import release_memory
+
     tokenizer = _load_tokenizer(source, local, r)
+    # glibc keeps what loading freed (a 49k-token BPE's JSON parse: ~30 MB; conversion buffers) and
+    # the big allocations that follow never reuse it: returned now, it counts in no later peak
+    release_memory()
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "local_files_only": local}
     if device != "cpu":
         # Place weights straight on the GPU instead of materialising a 70B model in host RAM first.
         kwargs["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with weights_read_for(torch_dtype):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as e:
         if local and not isinstance(e, _load_errors()):
             raise
         raise _fail(e, local, r, "model") from None
     model.eval()
+    release_memory()
     emb = model.get_input_embeddings()
     return LoadedModel(model=model, tokenizer=tokenizer, resolved=r, device=device,
                        dtype=str(torch_dtype).removeprefix("torch."), config=model.config,

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from dspark.errors import DsparkError
+from dspark.memory import MB
 from dspark.quantize.backends import BACKENDS, QUANT_EXTRA, avoid_bnb_cpu_repack, checkpoint_backend, is_available
-
-MB = 1024 * 1024
 
 
 def load_draft(name_or_path: str, device: str = "cpu", dtype: str = "float32", offline: bool | None = None):
@@ -190,20 +189,6 @@ def weights_on_disk(folder: str | os.PathLike) -> int:
 
 def describe_size(nbytes: int) -> str:
     return f"{nbytes / MB:.2f} MB" if nbytes >= 0.1 * MB else f"{nbytes / 1024:.1f} KB"
-
-
-def release_memory() -> None:
-    """Return freed memory to the OS (glibc keeps it otherwise), so the next RSS reading means
-    what is in use."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def stored_dtype(folder: str | os.PathLike) -> str | None:

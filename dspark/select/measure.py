@@ -42,7 +42,6 @@ Per-candidate numbers (definitions of dspark.decode.types):
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -50,7 +49,7 @@ from typing import Any, Callable, Sequence
 from dspark.decode import analysis
 from dspark.decode.types import SEED_LIMIT, DecodeStats
 from dspark.errors import DsparkError
-from dspark.quantize.loading import MB
+from dspark.memory import MB, MemoryProbe, release_memory
 from dspark.select.candidates import Entry
 
 Progress = Callable[[str, int, int], None]
@@ -110,57 +109,6 @@ class SelectConfig:
     @property
     def projected(self) -> bool:
         return self.cost_ratio is not None or self.hardware is not None
-
-
-# -- memory -------------------------------------------------------------------------------------------
-
-def _status_kb(field_name: str) -> int | None:
-    try:
-        text = open("/proc/self/status", encoding="ascii").read()
-    except OSError:
-        return None
-    m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-class MemoryProbe:
-    """Peak memory over a span (see the module docstring for what it measures)."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.cuda = torch.device(device).type == "cuda"
-        self.device = device
-        self.base = 0
-        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM) delta"
-
-    def start(self) -> None:
-        from dspark.quantize.loading import release_memory
-
-        release_memory()
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-                fh.write("5")  # reset the peak RSS to the current RSS
-        except OSError:
-            self.method = "peak RSS (VmHWM, since process start) delta"
-        self.base = (_status_kb("VmRSS") or 0) * 1024
-
-    def peak_mb(self) -> float | None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base) / MB
-        hwm = _status_kb("VmHWM")
-        return None if hwm is None else max(0, hwm * 1024 - self.base) / MB
 
 
 # -- one method's totals ----------------------------------------------------------------------------------
@@ -395,8 +343,6 @@ def score_candidate(s: Session, entry: Entry) -> dict[str, Any]:
     except Exception as e:  # a broken candidate must not end the comparison: it is reported instead
         row.update(status="failed", reason=_one_line(e))
     finally:
-        from dspark.quantize.loading import release_memory
-
         release_memory()
         row["scoring_seconds"] = time.perf_counter() - t0
     return row

@@ -14,6 +14,8 @@ from dspark.decode import bench as bench_mod
 from dspark.decode.bench import (BenchConfig, bench_prefix, measure_forward_seconds, parse_int_list, render_table,
                                  run_bench, summary_lines)
 from dspark.errors import DsparkError
+from dspark.memory import MB, status_bytes
+from dspark.quantize.loading import model_bytes
 
 from .conftest import requested_device
 from .decode_models import STORIES, noised_copy
@@ -41,7 +43,7 @@ def stories_draft_dir(tmp_path_factory, stories_pair):
     return folder
 
 
-def test_bench_json_tiny(tmp_path, stories_draft_dir):
+def test_bench_json_tiny(tmp_path, stories_pair, stories_draft_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Once upon a time\nThe little dog\nTom had a red ball.\n")
     out = tmp_path / "report.json"
@@ -73,6 +75,14 @@ def test_bench_json_tiny(tmp_path, stories_draft_dir):
     assert [b["batch_size"] for b in report["batched"]] == [1, 2]
     assert all(b["outputs_identical"] for b in report["batched"])
     assert report["threads"] == 1
+    mem = report["memory"]  # this process's own readings over the command, not an estimate (the
+    # kernel's RSS counters are synced lazily: a later reading may differ by a few pages)
+    assert 0 < mem["baseline_rss_mb"] <= mem["peak_rss_mb"] <= status_bytes("VmHWM") / MB + 1
+    target, draft, _ = stories_pair
+    assert mem["weights_mb"] == pytest.approx((model_bytes(target) + model_bytes(draft)) / MB)
+    assert mem["peak_growth_over_weights"] == pytest.approx(
+        (mem["peak_rss_mb"] - mem["baseline_rss_mb"]) / mem["weights_mb"])
+    assert "peak RSS" in _render(report)
 
 
 def test_identity_check_catches_a_differing_method(monkeypatch, stories_pair):
