@@ -149,13 +149,14 @@ def align_positions(target_lengths: Sequence[int], draft_lengths: Sequence[int])
 def draft_prompt_ids(bridge: VocabBridge, prompt_ids: Sequence[int]) -> list[int] | None:
     """The draft's prompt for a target prompt, as the cross decoder builds it: the draft's leading
     special ids, then the prompt's text (the target tokenizer's dummy prefix removed) encoded with the
-    draft's own dummy prefix. None when the text has no draft encoding."""
+    draft's own dummy prefix. None when the text has no draft encoding (within the draft model's rows)."""
     tm, dm = bridge.tmap, bridge.dmap
     text = tm.text_bytes(prompt_ids)
     if tm.prefix and text.startswith(tm.prefix):
         text = text[len(tm.prefix):]
     body = dm.encode_bytes(dm.prefix + text) if text else []
-    return None if body is None else list(dm.lead_ids) + body
+    ids = None if body is None else list(dm.lead_ids) + body
+    return ids if ids is not None and all(i < bridge.draft_vocab for i in ids) else None
 
 
 @dataclass
@@ -173,8 +174,8 @@ class CrossRow:
 def retokenize(bridge: VocabBridge, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> CrossRow | None:
     """A target (prompt, continuation) for the draft (module docstring). The continuation's text runs
     between special target tokens are encoded with `encode_bytes`; a special maps to the draft's special
-    of the same role, or to nothing. A run with no draft encoding ends the row there. None: the prompt
-    has no draft encoding."""
+    of the same role, or to nothing. A run with no draft encoding (within the draft model's rows) ends
+    the row there. None: the prompt has no draft encoding."""
     prompt = draft_prompt_ids(bridge, prompt_ids)
     if prompt is None:
         return None
@@ -189,7 +190,7 @@ def retokenize(bridge: VocabBridge, prompt_ids: Sequence[int], continuation_ids:
             continue
         if run:
             enc = bridge.dmap.encode_bytes(b"".join(run))
-            if enc is None:
+            if enc is None or any(i >= bridge.draft_vocab for i in enc):
                 break
             t_len.extend(len(p) for p in run)
             d_ids.extend(enc)
@@ -198,7 +199,7 @@ def retokenize(bridge: VocabBridge, prompt_ids: Sequence[int], continuation_ids:
             t_len.append(0)
             role = bridge.tmap.role(t)
             did = bridge.dmap.specials.get(role) if role else None
-            if did is not None:
+            if did is not None and did < bridge.draft_vocab:
                 d_ids.append(did)
     d_len = [len(dp[i]) if 0 <= i < len(dp) and dp[i] is not None else 0 for i in d_ids]
     return CrossRow(draft_ids=prompt + d_ids, prompt_len=len(prompt), target_positions=len(t_len),

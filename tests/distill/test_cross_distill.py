@@ -80,6 +80,10 @@ def test_retokenize_spells_the_target_text(bridge):
     row2 = retokenize(bridge, prompt, tm.encode_bytes(b"abcd"))
     assert [dm.pieces[i] for i in row2.draft_ids[row2.prompt_len:]] == [b"ab", b"c", b"d"]
     assert row2.aligned == [(0, 0), (1, 1)]
+    # a draft model with fewer rows than its tokenizer ("ab" is id 4): no prompt the model can read
+    from dataclasses import replace
+
+    assert retokenize(replace(bridge, draft_vocab=4), prompt, cont) is None
     # fitting into a draft context of 4: the prompt keeps one id, the continuation is cut, pairs too
     fitted = fit_row(row, 4)
     assert fitted.prompt_len == 1 and len(fitted.draft_ids) == 4
