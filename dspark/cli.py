@@ -477,6 +477,10 @@ def distill_cmd(
     eval_prompts: int = typer.Option(16, "--eval-prompts", help="Eval-split prompts for the decoder before/after."),
     eval_max_new_tokens: int = typer.Option(64, "--eval-max-new-tokens", help="Tokens per decoder measurement."),
     eval_k: int = typer.Option(4, "--eval-k", help="Static draft length of the decoder measurement."),
+    cross_token_weight: Optional[float] = typer.Option(
+        None, "--cross-token-weight", help="A draft with another tokenizer: weight of the token-level term (on the "
+                                           "tokens both vocabularies share) beside the sequence-level cross-entropy "
+                                           "(default 3)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="Target dtype: float32, bfloat16, float16 or auto."),
     seed: int = typer.Option(0, "--seed", help="Seed of shuffling, sampling and initialisation."),
@@ -503,7 +507,7 @@ def distill_cmd(
             target, draft or [], out, task=task, data=data, cache=cache, train=cfg, draft_init=draft_init or (),
             collect=CollectSettings(num_prompts=num_prompts, max_new_tokens=max_new_tokens, k=top_k, seed=seed),
             evaluation=EvalSettings(prompts=eval_prompts, max_new_tokens=eval_max_new_tokens, k=eval_k),
-            device=device, dtype=dtype, deepspeed=deepspeed, console=say_console,
+            device=device, dtype=dtype, deepspeed=deepspeed, console=say_console, cross_token_weight=cross_token_weight,
             log=lambda m: say_console.print(m, highlight=False, soft_wrap=True))
     if summary is None:  # a data-parallel rank other than 0: rank 0 reports
         return

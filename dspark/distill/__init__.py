@@ -1,7 +1,7 @@
 """Distillation: collect the target's logits into a cache (`collect`), the objectives that train a
 draft toward acceptance (`losses`), and the cache format both share (`cache`); training a draft on a
-cache (`train`, with `checkpoint`, `evaluate`, `acceptance`, `onpolicy`, `parallel`) and the
-`dspark distill` pipeline around it (`distill`).
+cache (`train`, with `checkpoint`, `evaluate`, `acceptance`, `onpolicy`, `parallel`; a draft with
+another tokenizer: `cross`) and the `dspark distill` pipeline around it (`distill`).
 
 Submodules load lazily (`dspark.distill.collect` etc.) so importing the package stays cheap.
 """
@@ -27,6 +27,8 @@ _EXPORTS = {
     # training (dspark distill)
     "run_distill": "distill", "CollectSettings": "distill", "EvalSettings": "distill", "TrainConfig": "train",
     "TrainResult": "train", "train_draft": "train", "evaluate_heldout": "evaluate", "measure_decoder": "evaluate",
+    # a draft with another tokenizer
+    "CrossDistill": "cross", "vocab_bridge": "cross", "align_positions": "cross", "intersection_support": "cross",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,7 +5,8 @@ per draft.
 Order of work (bad input fails before anything expensive):
 1. options (objective, steps/epochs, lr, LoRA rank, on-policy fraction, DeepSpeed config);
 2. whether the target and every draft exist on this machine (`llama3-70b` offline fails here);
-3. the task / data source, and the tokenizers (target vs each draft: same vocabulary or a clear error);
+3. the task / data source, and the tokenizers (target vs each draft: the same vocabulary, or another one
+   whose tokens are byte strings: that draft is distilled cross-tokenizer, `dspark.distill.cross`);
 4. the cache: `--cache` is opened and checked against the target (weights, tokenizer), or a new one
    is collected into OUT/cache on the task's TRAIN split (resumable, like `dspark collect`);
 5. per draft: decoder baseline on the task's EVAL split, training (resumable from
@@ -85,6 +86,7 @@ class _Run:
     dist: Any  # parallel.DistContext | None
     device: str
     ds_config: dict[str, Any] | None
+    cross_token_weight: float
     console: Any
     show_progress: bool
     log: Callable[[str], None]
@@ -183,11 +185,32 @@ def write_candidate(path: Path, data: dict[str, Any]) -> Path:
     return write_spec(path, parse_candidate(data, where=str(path)), header=header)
 
 
-def _decoder_metrics(target_model, draft_model, tokenizer, prompts, ev: EvalSettings, stop_ids) -> dict[str, Any]:
+def _decoder_metrics(target_model, draft_model, tokenizer, prompts, ev: EvalSettings, stop_ids,
+                     draft_tokenizer=None) -> dict[str, Any]:
     from dspark.distill.evaluate import measure_decoder
 
     return measure_decoder(target_model, draft_model, tokenizer, prompts, k=ev.k, max_new_tokens=ev.max_new_tokens,
-                           stop_token_ids=stop_ids)
+                           stop_token_ids=stop_ids, draft_tokenizer=draft_tokenizer)
+
+
+def _check_draft_tokenizer(target_tok, name: str, cfg) -> bool:
+    """True when draft `name` has another tokenizer (distilled cross-tokenizer); raises a one-line error
+    when its tokens are not byte strings or the training settings need a shared tokenizer."""
+    from dspark.decode.tokenmap import tokenizer_kind
+    from dspark.distill.cross import check_cross_config
+    from dspark.models import check_tokenizers, load_tokenizer
+
+    draft_tok = load_tokenizer(name)
+    if check_tokenizers(target_tok, draft_tok).compatible:
+        return False
+    try:
+        tokenizer_kind(target_tok)
+        tokenizer_kind(draft_tok)
+        check_cross_config(cfg)
+    except DsparkError as e:
+        raise type(e)(f"draft {name!r} has another tokenizer than the target (distilled cross-tokenizer): "
+                      f"{e}") from None
+    return True
 
 
 def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: str | None = None,
@@ -195,16 +218,20 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
                 collect: CollectSettings = CollectSettings(), evaluation: EvalSettings = EvalSettings(),
                 device: str = "auto", dtype: str = "auto", deepspeed: str | Path | None = None,
                 console=None, show_progress: bool = True, draft_init: Sequence[str] = (),
+                cross_token_weight: float | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Everything `dspark distill` does (see the module docstring); returns the summary (None on
     data-parallel ranks other than 0). `draft_init`: specs of drafts made from the target first
-    (dspark.models.draft_init, into OUT/init/), distilled after the `drafts` given."""
+    (dspark.models.draft_init, into OUT/init/), distilled after the `drafts` given.
+    `cross_token_weight`: weight of the token-level term for drafts with another tokenizer (default
+    `cross.DEFAULT_TOKEN_WEIGHT`)."""
     from dspark.distill import parallel
     from dspark.distill.cache import LogitsCache, manifest_hash
     from dspark.distill.collect import encode_prompts, load_target, validate_args
+    from dspark.distill.cross import DEFAULT_TOKEN_WEIGHT
     from dspark.distill.train import TrainConfig, validate_config
     from dspark.io import atomic_write_json, check_out_folder
-    from dspark.models import check_tokenizers, load_tokenizer
+    from dspark.models import load_tokenizer
     from dspark.models.draft_init import init_drafts, init_folder_name, parse_spec
     from dspark.tasks import resolve_source, source_prompts
 
@@ -214,6 +241,9 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
     check_out_folder(out, "the run (cache/, drafts/, candidates/)")
     cfg = validate_config(train if train is not None else TrainConfig())
     evaluation.check()
+    cross_token_weight = DEFAULT_TOKEN_WEIGHT if cross_token_weight is None else float(cross_token_weight)
+    if not cross_token_weight >= 0:
+        raise DsparkError(f"--cross-token-weight must be a number >= 0, got {cross_token_weight}")
     init_specs = [parse_spec(s, seed=cfg.seed) for s in draft_init]
     if not drafts and not init_specs:
         raise DsparkError("give at least one --draft or --draft-init")
@@ -239,8 +269,7 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
         source = resolve_source(task, data)
     target_tok = load_tokenizer(target)
     for d in drafts:
-        check_tokenizers(target_tok, load_tokenizer(d)).require_shared_vocab(
-            f"distilling draft {d!r} toward target {target!r}")
+        _check_draft_tokenizer(target_tok, d, cfg)
 
     dist = parallel.init_distributed(device, single_process_group=ds_config is not None)
     main = dist is None or dist.is_main
@@ -284,7 +313,8 @@ def run_distill(target: str, drafts: Sequence[str], out: str | Path, *, task: st
 
         run = _Run(out=out, target=tgt, cache=lc, cache_hash=cache_hash, cfg=cfg, evaluation=evaluation,
                    eval_ids=eval_ids, stop_ids=stop_ids, dist=dist, device=device, ds_config=ds_config,
-                   console=console, show_progress=show_progress, log=log, source_name=task or data)
+                   cross_token_weight=cross_token_weight, console=console, show_progress=show_progress, log=log,
+                   source_name=task or data)
         results = []
         for name, label in zip(drafts, labels):
             results.append(_distill_one(run, name, label))
@@ -334,8 +364,10 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
 
     import torch
 
+    from dspark.decode.factory import CROSS_TOKENIZER as CROSS_MODE, SAME_TOKENIZER as SAME_MODE
     from dspark.decode.verify import common_vocab_size
     from dspark.distill.collect import safetensors_hash
+    from dspark.distill.cross import CrossDistill, vocab_bridge
     from dspark.distill.train import train_draft
     from dspark.io import atomic_write_json
     from dspark.models import check_tokenizers, load_model, resolve_model
@@ -345,6 +377,9 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
     r = resolve_model(name)
     draft_hash = safetensors_hash(r.local_path) if r.local_path is not None else None
     run_identity = _run_identity(tgt, cache_hash, r.resolves_to, draft_hash)
+    is_cross = _check_draft_tokenizer(tgt.tokenizer, name, cfg)
+    if is_cross:
+        run_identity["cross"] = {"mode": CROSS_MODE, "token_weight": run.cross_token_weight}
     full_identity = {"run": run_identity, "config": cfg.identity(), "evaluation": evaluation.__dict__}
     draft_dir = out / "drafts" / label
     cand_path = out / "candidates" / f"{label}.yaml"
@@ -360,9 +395,20 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
                         "or delete it")
 
     loaded = load_model(name, device=device, dtype="float32")
-    check_tokenizers(tgt.tokenizer, loaded.tokenizer, tgt.identity.vocab_size,
-                     loaded.vocab_size).require_shared_vocab(f"distilling draft {name!r}")
-    vocab = common_vocab_size(tgt.identity.vocab_size, loaded.vocab_size, len(tgt.tokenizer))
+    cross = draft_tok = None
+    if is_cross:
+        draft_tok = loaded.tokenizer
+        vocab = common_vocab_size(loaded.vocab_size, None, len(draft_tok))
+        pad_id = int(draft_tok.pad_token_id if draft_tok.pad_token_id is not None else 0)
+        cross = CrossDistill(vocab_bridge(tgt.tokenizer, draft_tok, tgt.identity.vocab_size, vocab),
+                             run.cross_token_weight, pad_id=pad_id)
+        log(f"{label}: another tokenizer ({len(draft_tok)} tokens vs the target's {len(tgt.tokenizer)}): distilled "
+            f"cross-tokenizer; {cross.bridge.size} byte strings are tokens of both")
+    else:
+        check_tokenizers(tgt.tokenizer, loaded.tokenizer, tgt.identity.vocab_size,
+                         loaded.vocab_size).require_shared_vocab(f"distilling draft {name!r}")
+        vocab = common_vocab_size(tgt.identity.vocab_size, loaded.vocab_size, len(tgt.tokenizer))
+        pad_id = int(tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else 0)
     target_model = tgt.model
 
     before_path = ck_dir / "decoder_before.json"
@@ -375,26 +421,27 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
         if before_dec is None:
             log(f"{label}: measuring the undistilled draft with the decoder ({len(eval_ids)} eval prompts, "
                 f"K={evaluation.k}, {evaluation.max_new_tokens} tokens)")
-            before_dec = _decoder_metrics(target_model, loaded.model, tgt.tokenizer, eval_ids, evaluation, stop_ids)
+            before_dec = _decoder_metrics(target_model, loaded.model, tgt.tokenizer, eval_ids, evaluation, stop_ids,
+                                          draft_tok)
             atomic_write_json(before_path, {"identity": full_identity, "metrics": before_dec})
 
-    pad_id = int(tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else 0)
     if run.show_progress and main:
         prog, update = _rich_train_progress(run.console, label)
         with prog:
             result = train_draft(loaded.model, lc, cfg, ck_dir, vocab_size=vocab, pad_id=pad_id,
                                  target_model=target_model, stop_token_ids=stop_ids, run_identity=run_identity,
-                                 dist=dist, deepspeed_config=run.ds_config, progress=update, log=log)
+                                 dist=dist, deepspeed_config=run.ds_config, progress=update, log=log, cross=cross)
     else:
         result = train_draft(loaded.model, lc, cfg, ck_dir, vocab_size=vocab, pad_id=pad_id,
                              target_model=target_model, stop_token_ids=stop_ids, run_identity=run_identity,
-                             dist=dist, deepspeed_config=run.ds_config, log=log)
+                             dist=dist, deepspeed_config=run.ds_config, log=log, cross=cross)
     if not main:
         return {"name": label}
 
     after_dec = None
     if evaluation.enabled:
-        after_dec = _decoder_metrics(target_model, result.model, tgt.tokenizer, eval_ids, evaluation, stop_ids)
+        after_dec = _decoder_metrics(target_model, result.model, tgt.tokenizer, eval_ids, evaluation, stop_ids,
+                                     draft_tok)
     metrics = {"heldout_before": result.heldout_before, "heldout_after": result.heldout_after,
                "decoder_before": before_dec, "decoder_after": after_dec}
     if before_dec and after_dec and before_dec["mean_accepted_tokens"] > 0:
@@ -409,12 +456,16 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
                   "world_size": dist.world_size if dist else 1,
                   "deepspeed_zero_stage": (run.ds_config.get("zero_optimization") or {}).get("stage", 0)
                   if run.ds_config is not None else None, "train_seconds": round(result.seconds, 2),
-                  "weights_sha256": result.weights_sha256}
+                  "weights_sha256": result.weights_sha256,
+                  "decoder_mode": CROSS_MODE if is_cross else SAME_MODE}
+    if cross is not None:
+        provenance.update(cross_token_weight=cross.token_weight, intersection_size=cross.bridge.size)
     summary = {"name": label, "path": str(draft_dir), "candidate": str(cand_path), "metrics": metrics,
                "provenance": provenance, "resumed_from": result.resumed_from}
     meta = {"identity": full_identity, "summary": summary, "history": result.history}
     result.model.to(torch.float32)
-    save_draft_folder(result.model, tgt.tokenizer, draft_dir, meta, head=result.head)
+    # a cross-tokenizer draft keeps its own tokenizer: the decoder re-tokenizes through it
+    save_draft_folder(result.model, draft_tok if is_cross else tgt.tokenizer, draft_dir, meta, head=result.head)
     policy = "learned" if result.head is not None else "auto"
     cand = {"name": label, "target": tgt.identity.name, "draft": f"../drafts/{label}",
             "quantization": "none", "draft_length": policy, "device": device, "dtype": "float32",
@@ -429,7 +480,9 @@ def _distill_one(run: _Run, name: str, label: str) -> dict[str, Any]:
         log(f"{label}: mean accepted tokens {before_dec['mean_accepted_tokens']:.3f} -> "
             f"{after_dec['mean_accepted_tokens']:.3f} (K={evaluation.k}); held-out expected acceptance "
             f"{result.heldout_before.get('expected_acceptance', float('nan')):.4f} -> "
-            f"{result.heldout_after.get('expected_acceptance', float('nan')):.4f}")
+            f"{result.heldout_after.get('expected_acceptance', float('nan')):.4f}"
+            + (f" (intersection: {result.heldout_after.get('intersection_mass', float('nan')):.3f} of the target's "
+               "mass at aligned positions)" if is_cross else ""))
     return summary
 
 

@@ -5,7 +5,9 @@
   tail no credit), the greedy match rate (draft argmax == target argmax: the per-token acceptance of
   greedy speculative decoding), the objective's value, and the acceptance head's BCE when there is one.
 - `measure_decoder` (before and after training): mean accepted tokens per verify step of dspark's
-  real speculative decoder, greedy, static draft length K, on held-out prompts.
+  real speculative decoder, greedy, static draft length K, on held-out prompts (a draft with another
+  tokenizer through the cross-tokenizer decoder: `make_decoder` picks it).
+A draft with another tokenizer has its own held-out metrics: `dspark.distill.cross`.
 """
 
 from __future__ import annotations
@@ -118,12 +120,15 @@ def fit_prompt(ids: Sequence[int], context: int | None, max_new_tokens: int) -> 
 
 def measure_decoder(target_model, draft_model, tokenizer, prompts: Sequence[Sequence[int]], *, k: int = 4,
                     max_new_tokens: int = 64, stop_token_ids: Sequence[int] | None = None,
-                    batch_size: int | None = 8) -> dict[str, Any]:
-    """Mean accepted tokens (bonus included) of greedy speculative decoding with a static draft
-    length `k`, over `prompts` (token ids), with dspark's real decoder."""
+                    batch_size: int | None = 8, draft_tokenizer=None, temperature: float = 0.0,
+                    seed: int = 0) -> dict[str, Any]:
+    """Mean accepted tokens (bonus included) of speculative decoding with a static draft length `k`,
+    over `prompts` (target token ids), with dspark's real decoder: greedy, or sampled at `temperature`
+    from `seed`. `draft_tokenizer`: the draft's own tokenizer when it differs (the pair then decodes
+    cross-tokenizer)."""
     from functools import reduce
 
-    from dspark.decode.engine import SpeculativeDecoder
+    from dspark.decode import make_decoder
     from dspark.decode.types import GenerationConfig
 
     if not prompts:
@@ -131,19 +136,20 @@ def measure_decoder(target_model, draft_model, tokenizer, prompts: Sequence[Sequ
     was_training = draft_model.training
     draft_model.eval()
     try:
-        dec = SpeculativeDecoder(target_model, draft_model, tokenizer, draft_length=str(k),
-                                 stop_token_ids=stop_token_ids)
+        dec = make_decoder(target_model, draft_model, tokenizer, str(k), draft_tokenizer=draft_tokenizer,
+                           stop_token_ids=stop_token_ids)
         context = dec.target.max_positions
         ids = [fit_prompt(p, context, max_new_tokens) for p in prompts]
         with torch.no_grad():
-            results = dec.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0),
-                                   batch_size=batch_size)
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed if temperature > 0 else None)
+            results = dec.generate(ids, cfg, batch_size=batch_size)
     finally:
         draft_model.train(was_training)
     stats = reduce(lambda a, b: a.merge(b), [r.stats for r in results])
     return {"mean_accepted_tokens": stats.mean_accepted_tokens, "acceptance_rate": stats.acceptance_rate,
             "k": k, "prompts": len(ids), "generated_tokens": stats.generated, "verify_steps": stats.verify_steps,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, "mode": dec.mode, "temperature": temperature}
 
 
 __all__ = ["DraftForward", "evaluate_heldout", "fit_prompt", "measure_decoder"]

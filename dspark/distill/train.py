@@ -11,6 +11,10 @@ expected acceptance without decoding); every `checkpoint_every` steps, and at th
 written (`checkpoint`), from which a re-run resumes exactly: same batches, same learning rates, same
 on-policy draws.
 
+A draft with another tokenizer (`cross`, a `dspark.distill.cross.CrossDistill`): each cached batch is
+re-tokenized for the draft and the loss is the sequence-level cross-entropy plus the token-level term
+on the vocabularies' intersection; the held-out metrics are the cross decoder's (see that module).
+
 Data parallel: with a `DistContext` of world size N (torchrun), every rank reads a disjoint 1/N of
 each window of cache rows (`LogitsCache.batches(rank=, world_size=)`, same number of batches on every
 rank), the forward module and the head are wrapped in DistributedDataParallel (gradients averaged, so
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -229,7 +233,7 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
                 vocab_size: int | None, pad_id: int = 0, target_model: torch.nn.Module | None = None,
                 stop_token_ids: tuple[int, ...] = (), run_identity: dict[str, Any] | None = None,
                 dist=None, deepspeed_config: dict[str, Any] | None = None, progress: ProgressFn | None = None,
-                log: Callable[[str], None] | None = None) -> TrainResult:
+                log: Callable[[str], None] | None = None, cross=None) -> TrainResult:
     """Train `model` (a float32 HF causal LM) on `cache`; resume from `checkpoint_dir` if it holds a
     checkpoint of the same run (same `run_identity` and settings), else start fresh there.
 
@@ -237,7 +241,10 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
     of one: `parallel.init_distributed(..., single_process_group=True)`): the forward module and
     AdamW go through `deepspeed.initialize` (ZeRO 0-2). ZeRO partitions the optimizer state across
     ranks, so its checkpoints hold the weights and the step only; a resumed DeepSpeed run restarts
-    the Adam moments (logged)."""
+    the Adam moments (logged).
+
+    `cross` (`dspark.distill.cross.CrossDistill`): the draft has another tokenizer (module docstring);
+    its `max_length` defaults to the draft's context."""
     validate_config(cfg)
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -249,6 +256,12 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
     device = next(model.parameters()).device
     context = getattr(model.config, "max_position_embeddings", None)
     max_length = cfg.max_length or context
+    if cross is not None:
+        from dspark.distill.cross import check_cross_config
+
+        check_cross_config(cfg)
+        cross = replace(cross, max_length=cross.max_length or max_length)
+        max_length = None  # the cached rows are re-tokenized first, then fitted to the draft's context
     steps, per_epoch = total_steps(cache, cfg, world)
     eval_every = cfg.eval_every or max(1, steps // 10)
     ckpt_every = cfg.checkpoint_every or eval_every
@@ -267,8 +280,11 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
         head_opt = torch.optim.Adam(head.parameters(), lr=cfg.head_lr)
 
     # JSON round trip: compared with what state.json holds (tuples become lists there)
-    identity = json.loads(json.dumps({"run": run_identity or {}, "config": cfg.identity(), "world_size": world,
-                                      "deepspeed": deepspeed_config}))
+    identity = {"run": run_identity or {}, "config": cfg.identity(), "world_size": world,
+                "deepspeed": deepspeed_config}
+    if cross is not None:
+        identity["cross"] = cross.identity()
+    identity = json.loads(json.dumps(identity))
     root = Path(checkpoint_dir)
     latest = ckpt.load_latest(root)
     start, resumed_from, history, before = 0, None, [], None
@@ -311,6 +327,9 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
         train_head = DDP(train_head, device_ids=[device.index] if device.type == "cuda" else None)
 
     def evaluate() -> dict[str, float]:
+        if cross is not None:
+            return cross.evaluate(forward, cache, obj, heldout_percent=cfg.heldout_percent,
+                                  batch_size=cfg.batch_size, max_rows=cfg.eval_max_rows)
         return evaluate_heldout(forward, cache, obj, heldout_percent=cfg.heldout_percent, batch_size=cfg.batch_size,
                                 vocab_size=vocab_size, pad_id=pad_id, max_length=max_length, head=head,
                                 max_rows=cfg.eval_max_rows)
@@ -347,10 +366,12 @@ def train_draft(model: torch.nn.Module, cache, cfg: TrainConfig, checkpoint_dir:
                                          stop_token_ids=stop_token_ids, pad_id=pad_id, vocab_size=vocab_size)
             batch = onpolicy_batch(prompts, conts, pad_id=pad_id, max_length=max_length)
             onpolicy_steps += 1
-        b = batch.to(device)
+        b = cross.batch(batch).to(device) if cross is not None else batch.to(device)
         with autocast:
             hidden, logits = train_fwd(b.input_ids, b.attention_mask, b.positions)
-            if onpolicy:
+            if cross is not None:
+                loss = cross.loss(obj, logits, b)
+            elif onpolicy:
                 t_logits = target_logits(target_model, b)
                 loss = full_loss(obj, t_logits, logits, mask=b.loss_mask, vocab_size=vocab_size)
             else:

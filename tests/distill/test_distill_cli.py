@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from dspark.cli import app
 from dspark.distill.distill import parse_optional_value_flags
 from dspark.errors import DsparkError
-from tests.distill.helpers import STORIES
 from tests.distill.train_helpers import DRAFT, HELDOUT, TARGET, collect_small_cache
 
 runner = CliRunner()
@@ -121,12 +120,6 @@ def test_headline_70b_offline_fails_at_once(tmp_path, monkeypatch):
     text = error_line(res)
     assert "not available" in text and "llama3-70b" in text
     assert not out.exists()
-
-
-def test_tokenizer_mismatch_fails_before_collecting(tmp_path):
-    out = tmp_path / "run"
-    text = error_line(run("--target", TARGET, "--draft", STORIES, "--task", "code", "--out", out, *TINY))
-    assert "tokenizer" in text and not out.exists()
 
 
 def test_cache_from_another_target_is_refused(tmp_path, cache):
