@@ -87,11 +87,27 @@ def test_counters_parse_with_vllm_names_and_labels():
 
 
 @pytest.fixture(scope="module")
-def vllm_server(runtime):
+def static_runtime(tmp_path_factory):
+    """The serve fixtures' pair exported with a static draft length: `auto` may decide from measured
+    costs that plain target steps are faster and draft nothing, and this test needs drafts to count."""
+    from dspark.bundle.export import export_bundle
+    from dspark.serve.runtime import runtime_from_bundle
+    from tests.common import offline_env
+    from tests.serve.conftest import DRAFT, TARGET, _need_pair
+
+    _need_pair()
+    out = tmp_path_factory.mktemp("vllm-metrics") / "bundle"
+    with offline_env():
+        export_bundle(out, target=TARGET, draft=DRAFT, name=MODEL, draft_length=2)
+        return runtime_from_bundle(out, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(static_runtime):
     from dspark.serve.app import create_app
     from dspark.serve.runner import start_in_thread
 
-    running = start_in_thread(create_app(runtime, max_batch_size=4), "127.0.0.1", 0)
+    running = start_in_thread(create_app(static_runtime, max_batch_size=4), "127.0.0.1", 0)
     yield running
     running.stop()
 
